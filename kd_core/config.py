@@ -1,0 +1,212 @@
+"""Experiment configuration: one YAML schema for the CLI, the dashboard form and stored runs.
+
+Validation happens before anything trains. Every problem is reported with its field path and what is
+allowed, e.g. ``recipe[1].params.temprature: unknown parameter of loss 'kd'; allowed: temperature``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kd_core.data import DATASETS
+from kd_core.losses import LOSSES
+from kd_core.models import MODELS, TORCHVISION_ARCHS, create_model, feature_spec
+
+TEACHER_SOURCE = re.compile(r"^(train|random|torchvision|run:\d+|file:.+)$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; ``errors`` holds (field path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  - {path}: {msg}" for path, msg in errors)
+        super().__init__(f"invalid config:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["cosine", "step", "none"] = "cosine"
+    milestones: list[int] = Field(default_factory=list, description="epochs at which step decays the lr")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _step_needs_milestones(self) -> "SchedulerConfig":
+        if self.name == "step" and not self.milestones:
+            raise ValueError("a step scheduler needs milestones, e.g. [150, 180, 210]")
+        return self
+
+
+def _scheduler_from_name(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class DatasetConfig(_Strict):
+    name: str = "mnist5k"
+    root: str = "distillery-data/datasets"
+    val_fraction: float = Field(0.1, ge=0, le=0.5)
+    augment: bool = False
+    subset: int | None = Field(None, ge=20, description="cap on training images, for quick runs")
+    image_size: int | None = Field(None, ge=8, le=512, description="resize for imagefolder datasets")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return value
+
+
+class _ModelConfig(_Strict):
+    arch: str
+    epochs: int = Field(10, ge=0, le=10_000)
+    batch_size: int = Field(64, ge=2, le=8192)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+    _scheduler = field_validator("scheduler", mode="before")(_scheduler_from_name)
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(f"unknown architecture {value!r}; allowed: {', '.join(MODELS)}")
+        return value
+
+
+class TeacherConfig(_ModelConfig):
+    source: str = Field("train", description="train | run:<id> | file:<path> | torchvision | random")
+
+    @field_validator("source")
+    @classmethod
+    def _valid_source(cls, value: str) -> str:
+        if not TEACHER_SOURCE.match(value):
+            raise ValueError(f"{value!r} is not a teacher source; allowed: train, random, torchvision, run:<id>, file:<path>")
+        return value
+
+
+class StudentConfig(_ModelConfig):
+    pass
+
+
+class LossTerm(_Strict):
+    loss: str
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up of the weight over this many epochs")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field("experiment", min_length=1, max_length=200)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    teacher: TeacherConfig
+    student: StudentConfig
+    recipe: list[LossTerm] = Field(min_length=1)
+    baseline: bool = Field(True, description="also train the student with CE only, same seed")
+    cache_teacher: bool = Field(True, description="compute teacher outputs once when nothing makes them vary")
+    checkpoint_every_s: float = Field(60.0, ge=1, description="also checkpoint mid-epoch this often")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith("function-"):
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _recipe_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """What the schema alone cannot see: loss names and params, and layers a loss needs."""
+    errors: list[tuple[str, str]] = []
+    archs = {"teacher": config.teacher.arch, "student": config.student.arch}
+    for i, term in enumerate(config.recipe):
+        where = f"recipe[{i}]"
+        cls = LOSSES.get(term.loss)
+        if cls is None:
+            errors.append((f"{where}.loss", f"unknown loss {term.loss!r}; allowed: {', '.join(sorted(LOSSES))}"))
+            continue
+        signature = inspect.signature(cls.__init__)
+        allowed = [p for p in signature.parameters if p != "self"]
+        for param in term.params:
+            if param not in allowed:
+                errors.append((f"{where}.params.{param}", f"unknown parameter of loss {term.loss!r}; allowed: {', '.join(allowed) or 'none'}"))
+        for name, param in signature.parameters.items():
+            if name != "self" and param.default is inspect.Parameter.empty and name not in term.params:
+                errors.append((f"{where}.params.{name}", f"loss {term.loss!r} needs this parameter"))
+        if "stages" in cls.needs:
+            for role, arch in archs.items():
+                if not _has_stages(arch):
+                    errors.append((f"{where}.loss", f"{term.loss!r} needs stage feature maps but the {role} {arch!r} has none; use a convolutional {role} or a logit loss"))
+    if config.baseline and all(term.loss == "ce" for term in config.recipe):
+        errors.append(("baseline", "the recipe is CE only, so the baseline would repeat it; set baseline: false or add a distillation term"))
+    return errors
+
+
+def _has_stages(arch: str) -> bool:
+    return bool(feature_spec(create_model(arch, 10, 3, 32)).stages)
+
+
+def _source_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+    source = config.teacher.source
+    errors: list[tuple[str, str]] = []
+    if source == "torchvision" and config.teacher.arch not in TORCHVISION_ARCHS:
+        errors.append(("teacher.source", f"torchvision weights exist only for {', '.join(sorted(TORCHVISION_ARCHS))}; pick one of them or source: train"))
+    if source.startswith("file:") and not Path(source[5:]).expanduser().is_file():
+        errors.append(("teacher.source", f"no file at {source[5:]!r}; give the path of a .safetensors or .pt state dict"))
+    if source == "train" and config.teacher.epochs == 0:
+        errors.append(("teacher.epochs", "a teacher trained from scratch needs at least 1 epoch (or use source: random)"))
+    if config.student.epochs == 0:
+        errors.append(("student.epochs", "the student needs at least 1 epoch"))
+    return errors
+
+
+def validate_config(data: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:
+    """Parse and check a config dict; raise :class:`ConfigError` listing every problem found."""
+    if isinstance(data, ExperimentConfig):
+        data = data.model_dump()
+    if not isinstance(data, dict):
+        raise ConfigError([("(top level)", "a config is a mapping of fields, e.g. name:, teacher:, student:, recipe:")])
+    try:
+        config = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([(_field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]) from None
+    errors = _recipe_errors(config) + _source_errors(config)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([("(file)", f"no config file at {str(path)!r}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([("(file)", f"{path} is not valid YAML: {exc}")]) from None
+    return validate_config(data)
