@@ -75,7 +75,8 @@ class DistillLoss(nn.Module):
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset(["logits"])
-    # False when the loss needs teacher outputs that a per-sample cache cannot provide
+    # The engine caches teacher logits and embeddings (never stage maps) when inputs do not vary between
+    # epochs; a loss that changes the teacher's input itself (mixup, masking) sets this to False.
     teacher_cacheable: ClassVar[bool] = True
 
     def build(self, context: BuildContext) -> None:  # noqa: B027 - optional hook

@@ -1,0 +1,167 @@
+"""Engine construction, SQLite tuning and programmatic Alembic migrations.
+
+Kept separate from :mod:`storage.store` so that the connection policy (WAL, busy
+timeout, explicit ``BEGIN``) lives in one place and is shared by the Store and by
+the Alembic ``env.py`` when it is run from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+DEFAULT_SQLITE_URL = "sqlite:///distillery-data/distillery.db"
+ENV_DB_URL = "DISTILLERY_DB_URL"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# Execution option read by the SQLite "begin" hook: "DEFERRED" (default) or
+# "IMMEDIATE".  IMMEDIATE takes the write lock up front, which is what a
+# read-modify-write transaction needs in WAL mode: a deferred transaction that
+# reads first and then writes can fail with SQLITE_BUSY_SNAPSHOT, which the busy
+# timeout does not retry.
+SQLITE_BEGIN_OPTION = "distillery_sqlite_begin"
+
+# Arbitrary constant used as the PostgreSQL advisory-lock key that serialises
+# concurrent migrations from several processes.
+_PG_MIGRATION_LOCK_KEY = 0x0D157111
+
+_migrated_urls: set[str] = set()
+_migrate_lock = threading.Lock()
+
+
+def default_db_url() -> str:
+    """Return ``$DISTILLERY_DB_URL`` or the local SQLite file (creating its folder).
+
+    The default is relative to the current working directory so that a checkout
+    run with ``streamlit run`` keeps its data next to it.
+    """
+    url = os.environ.get(ENV_DB_URL, "").strip()
+    if url:
+        return url
+    Path("distillery-data").mkdir(parents=True, exist_ok=True)
+    return DEFAULT_SQLITE_URL
+
+
+def is_sqlite(url: str) -> bool:
+    """True when ``url`` targets SQLite (any driver)."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def _sqlite_is_memory(url: str) -> bool:
+    database = make_url(url).database
+    return database in (None, "", ":memory:")
+
+
+def _ensure_sqlite_parent_dir(url: str) -> None:
+    """Create the folder of a SQLite file so the first connect does not fail."""
+    if _sqlite_is_memory(url):
+        return
+    database = make_url(url).database
+    assert database is not None
+    if database.startswith("file:"):
+        return  # URI filenames: leave it to the caller
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    """Set the per-connection PRAGMAs and take over BEGIN from pysqlite.
+
+    pysqlite's own implicit transaction handling starts transactions only before
+    DML, which makes SELECT-then-UPDATE non-atomic and DDL non-transactional.
+    Emitting BEGIN ourselves (the recipe from the SQLAlchemy docs) gives real
+    transactions and lets callers ask for ``BEGIN IMMEDIATE``.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+        if mode not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
+            raise ValueError(f"invalid SQLite BEGIN mode {mode!r}")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an Engine with Distillery's connection policy for ``url``.
+
+    SQLite gets WAL + ``synchronous=NORMAL`` + a 30 s busy timeout (see
+    infra.md section 5: zero 'database is locked' errors with concurrent
+    writers/readers).  PostgreSQL gets ``pool_pre_ping`` because the dashboard
+    is long-lived and the server may be restarted underneath it.
+    """
+    if is_sqlite(url):
+        _ensure_sqlite_parent_dir(url)
+        kwargs: dict = {
+            "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+        }
+        if _sqlite_is_memory(url):
+            # One shared connection, otherwise every checkout sees an empty database.
+            kwargs["poolclass"] = StaticPool
+        engine = create_engine(url, **kwargs)
+        _install_sqlite_hooks(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _alembic_config(url: str, connection: Connection | None = None):  # type: ignore[no-untyped-def]
+    """Build an Alembic Config in code (no alembic.ini needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation: a URL-escaped password ("%40") must be doubled.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def run_migrations(engine: Engine, url: str, *, force: bool = False) -> None:
+    """Run ``alembic upgrade head`` once per process per URL.
+
+    The upgrade runs inside one transaction that first takes a cross-process
+    lock (``BEGIN IMMEDIATE`` on SQLite, an advisory lock on PostgreSQL) so a
+    dashboard and a worker starting at the same moment on a fresh database do
+    not both try to create the tables.
+    """
+    from alembic import command
+
+    with _migrate_lock:
+        if url in _migrated_urls and not force:
+            return
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+            with conn.begin():
+                if engine.dialect.name == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY}
+                    )
+                command.upgrade(_alembic_config(url, conn), "head")
+        _migrated_urls.add(url)
+
+
+def forget_migrations(url: str | None = None) -> None:
+    """Forget that ``url`` (or every URL) was migrated; for tests that recreate databases."""
+    with _migrate_lock:
+        if url is None:
+            _migrated_urls.clear()
+        else:
+            _migrated_urls.discard(url)

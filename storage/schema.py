@@ -1,0 +1,97 @@
+"""SQLAlchemy Core table definitions used by :class:`storage.store.Store`.
+
+This mirrors the Alembic revisions (the migrations create the tables; this
+module is only used to build queries and as Alembic's ``target_metadata`` for
+autogenerate).  Keep both in sync when adding a revision.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    false,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements "INTEGER PRIMARY KEY"; PostgreSQL gets BIGINT for >2^31 rows.
+BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(256), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("config", JSON, nullable=False),
+    Column(
+        "parent_id",
+        Integer,
+        ForeignKey("runs.id", name="fk_runs_parent_id_runs", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("host", String(256), nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("executor", String(64), nullable=True),
+    Column("executor_ref", String(256), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("log_path", Text, nullable=True),
+    Column("summary", JSON, nullable=False),
+    Column("progress", JSON, nullable=False),
+    Column("tags", JSON, nullable=False),
+    Column("hidden", Boolean, nullable=False, server_default=false()),
+    Index("ix_runs_status", "status"),
+    Index("ix_runs_created_at", "created_at"),
+    Index("ix_runs_parent_id", "parent_id"),
+)
+
+metrics = Table(
+    "metrics",
+    metadata,
+    Column("id", BIG_ID, primary_key=True, autoincrement=True),
+    Column(
+        "run_id",
+        Integer,
+        ForeignKey("runs.id", name="fk_metrics_run_id_runs", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("phase", String(32), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("epoch", Integer, nullable=True),
+    Column("key", String(128), nullable=False),
+    Column("value", Float, nullable=True),
+    Column("time", Float, nullable=False),
+    Index("ix_metrics_run_key_phase_step", "run_id", "key", "phase", "step"),
+)
+
+artifacts = Table(
+    "artifacts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "run_id",
+        Integer,
+        ForeignKey("runs.id", name="fk_artifacts_run_id_runs", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("kind", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("meta", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_artifacts_run_kind", "run_id", "kind"),
+)
