@@ -196,7 +196,8 @@ class Experiment:
     def run(self, resume: bool) -> dict[str, Any]:
         progress = self.load_checkpoint() if resume else Progress()
         self.prepare_teacher(progress)
-        self.sink.update_summary(self.model_sizes())
+        sizes = self.model_sizes()
+        self.sink.update_summary(sizes)
         if not any(p.name == "teacher" for p in self.phases) and "teacher" not in progress.results:
             self.evaluate_fixed_teacher(progress)
         while progress.phase_index < len(self.phases):
@@ -209,6 +210,7 @@ class Experiment:
             self.save_checkpoint(progress, None, None, None, None)
         summary = self.final_summary(progress)
         self.sink.update_summary(summary)
+        summary = {**sizes, **summary}
         self.logger.flush()
         return summary
 
@@ -246,7 +248,7 @@ class Experiment:
         eval_teacher_logits = predict(teacher, eval_x, self.amp) if teacher is not None else None
         tap_s = FeatureTap(model, stages="stages" in needs, embedding="embedding" in needs)
         tap_t = FeatureTap(teacher, stages="stages" in needs, embedding="embedding" in needs) if teacher_needed and cache is None else None
-        adaptive = [loss for loss in losses if type(loss).after_step is not DistillLoss.after_step]
+        adaptive = [(self.term_key(phase.recipe, i), loss) for i, loss in enumerate(losses) if type(loss).after_step is not DistillLoss.after_step]
         model.train()
         try:
             for epoch in range(progress.epoch, cfg.epochs):
@@ -281,13 +283,13 @@ class Experiment:
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     optimizer.step()
-                    for loss in adaptive:
-                        loss.after_step(float(total.detach()))
+                    for key, loss in adaptive:  # schedules follow their own term's value (TAID)
+                        loss.after_step(float(terms[key].detach()))
                     progress.step += 1
                     progress.batch = b + 1
                     values: dict[str, Any] = {"loss/total": total.detach()}
                     values.update({f"loss/{k}": v.detach() for k, v in terms.items()})
-                    for loss in adaptive:
+                    for _, loss in adaptive:
                         values.update(loss.logged_values())
                     values["lr"] = optimizer.param_groups[0]["lr"]
                     values["images_per_s"] = len(idx) / max(time.perf_counter() - t0, 1e-9)

@@ -1,0 +1,290 @@
+"""``python -m kd_core``: run experiments headless and read results back from the database.
+
+Imports stay inside the commands: ``work`` (the background worker) must install its signal handlers
+before torch is imported, and ``submit``/``status`` should answer without loading torch at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help_text: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    def wrap(fn: Command) -> Command:
+        COMMANDS[name] = (fn, arguments, help_text)
+        return fn
+
+    return wrap
+
+
+def open_store(args: argparse.Namespace):
+    """One Store per CLI call (each new Store would open its own connection pool)."""
+    from storage import Store
+
+    if getattr(args, "_store", None) is None:
+        args._store = Store(args.db)
+    return args._store
+
+
+def _run_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_id", type=int, help="the run's id (see `runs`)")
+
+
+def format_table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def pct(value: Any) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+class TqdmSink:
+    """Shows the engine's progress reports as a tqdm bar while forwarding everything to the real sink."""
+
+    def __init__(self, inner: Any) -> None:
+        from tqdm import tqdm
+
+        self.inner = inner
+        self.bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.phase = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def update_progress(self, progress: dict[str, Any]) -> None:
+        self.inner.update_progress(progress)
+        if progress["phase"] != self.phase:
+            self.phase = progress["phase"]
+            self.bar.reset(total=progress["steps"])
+            self.bar.set_description(f"[{progress['phase_index']}/{progress['phases']}] {self.phase}")
+        self.bar.n = progress["step"]
+        self.bar.set_postfix(epoch=f"{progress['epoch']}/{progress['epochs']}", img_s=progress["images_per_s"])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@command("run", "train a config in this process and print the summary", lambda p: p.add_argument("config", help="YAML config file"))
+def cmd_run(args: argparse.Namespace) -> int:
+    from storage import RunSink
+
+    from kd_core.config import load_config
+    from kd_core.settings import run_dir
+    from kd_core.train import StopRequested, run_experiment
+
+    config = load_config(args.config)
+    store = open_store(args)
+    run_id = store.create_run(config.name, config.model_dump(mode="json"), status="running")
+    store.update_run(run_id, started_at=time.time(), host=socket.gethostname(), pid=os.getpid(), executor="inline")
+    print(f"run {run_id}: {config.name}", file=sys.stderr)
+    sink = TqdmSink(RunSink(store, run_id))
+    try:
+        summary = run_experiment(config, sink, run_dir(run_id))
+    except (KeyboardInterrupt, StopRequested):
+        store.update_run(run_id, status="cancelled", finished_at=time.time(), error="interrupted from the terminal")
+        return 130
+    except Exception as exc:
+        store.update_run(run_id, status="failed", finished_at=time.time(), error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    finally:
+        sink.close()
+    store.update_run(run_id, status="completed", finished_at=time.time())
+    store.checkpoint_wal()
+    print(run_id)
+    print(summary_table(summary), file=sys.stderr)
+    return 0
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    rows = [
+        ["teacher", pct(summary.get("teacher_acc")), ""],
+        ["student (KD)", pct(summary.get("student_acc")), pct(summary.get("student_last_acc"))],
+        ["baseline (CE only)", pct(summary.get("baseline_acc")), pct(summary.get("baseline_last_acc"))],
+    ]
+    table = format_table(rows, ["model", "test top-1 % (best)", "(last)"])
+    if "kd_gain" in summary:
+        table += f"\nKD gain over the baseline: {summary['kd_gain']:+.2f} points (best checkpoints, chosen on {summary['selection_split']})"
+    return table
+
+
+@command("runs", "list runs, newest first", lambda p: p.add_argument("--all", action="store_true", help="include hidden runs"))
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = open_store(args).list_runs(include_hidden=args.all)
+    rows = [
+        [r.id, r.status, r.name, r.config.get("dataset", {}).get("name"), f"{r.config['teacher']['arch']}→{r.config['student']['arch']}",
+         pct(r.summary.get("student_acc")), pct(r.summary.get("kd_gain"))]
+        for r in runs
+    ]
+    print(format_table(rows, ["id", "status", "name", "dataset", "teacher→student", "student %", "KD gain"]))
+    return 0
+
+
+@command("show", "a run's status, summary and logged metric keys", _run_id)
+def cmd_show(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    run = store.get_run(args.run_id)
+    print(f"run {run.id}: {run.name} [{run.status}]")
+    if run.error:
+        print(f"error: {run.error}")
+    if run.progress and run.status in ("running", "queued", "starting"):
+        print("progress: " + ", ".join(f"{k}={v}" for k, v in run.progress.items()))
+    if run.summary:
+        print(summary_table(run.summary))
+    keys = store.metric_keys(run.id)
+    print(f"{store.count_metrics(run.id)} metric rows; keys: " + ", ".join(sorted({f'{p}:{k}' for p, k in keys if 'class_acc' not in k})))
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _run_id(p)
+    p.add_argument("--csv", required=True, help="file to write the run's metrics to")
+
+
+@command("export", "write a run's metrics to CSV", _export_args)
+def cmd_export(args: argparse.Namespace) -> int:
+    frame = open_store(args).metrics_frame(args.run_id)
+    frame.to_csv(args.csv, index=False)
+    print(f"wrote {len(frame)} rows to {args.csv}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- background runs
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--parent", type=int, default=None, help="id of the run this one derives from")
+
+
+@command("submit", "queue a config as a background run; prints only its id (RUN=$(python -m kd_core submit c.yaml))", _config_arg)
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kd_core.config import load_config
+    from kd_core.runner import submit
+
+    config = load_config(args.config)
+    run_id = submit(open_store(args), config, parent_id=args.parent)
+    status = open_store(args).get_run(run_id).status
+    print(f"run {run_id}: {config.name} [{status}]", file=sys.stderr)
+    print(run_id)
+    return 0
+
+
+@command("status", "a run's status, progress and error", _run_id)
+def cmd_status(args: argparse.Namespace) -> int:
+    run = open_store(args).get_run(args.run_id)
+    print(f"run {run.id}: {run.name} [{run.status}]")
+    where = ", ".join(f"{k} {v}" for k, v in (("executor", run.executor), ("host", run.host), ("pid", run.pid), ("ref", run.executor_ref)) if v)
+    if where:
+        print(where)
+    if run.heartbeat_at and run.status in ("starting", "running", "cancelling"):
+        print(f"last heartbeat {time.time() - run.heartbeat_at:.1f} s ago")
+    if run.progress:
+        p = run.progress
+        eta = p.get("eta_s")
+        print(f"progress: {p.get('phase')} ({p.get('phase_index')}/{p.get('phases')}), epoch {p.get('epoch')}/{p.get('epochs')}, "
+              f"step {p.get('step')}/{p.get('steps')}" + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else ""))
+    if run.error:
+        print(f"error: {run.error}")
+    if run.log_path:
+        print(f"log: {run.log_path}")
+    return 0
+
+
+@command("cancel", "stop a run (a running one checkpoints first; `resume` continues it)", _run_id)
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from kd_core.runner import cancel
+
+    status = cancel(open_store(args), args.run_id)
+    print(f"run {args.run_id}: {status}", file=sys.stderr)
+    return 0
+
+
+@command("resume", "queue a failed or cancelled run again; it continues from its last checkpoint", _run_id)
+def cmd_resume(args: argparse.Namespace) -> int:
+    from kd_core.runner import resume
+
+    store = open_store(args)
+    resume(store, args.run_id)
+    print(f"run {args.run_id}: {store.get_run(args.run_id).status}", file=sys.stderr)
+    return 0
+
+
+def _logs_args(p: argparse.ArgumentParser) -> None:
+    _run_id(p)
+    p.add_argument("-n", "--tail", type=int, default=200, help="number of lines (default 200)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+
+
+@command("logs", "print a run's worker log (stdout and stderr)", _logs_args)
+def cmd_logs(args: argparse.Namespace) -> int:
+    from kd_core.runner import ACTIVE_STATUSES, read_log, reconcile
+
+    store = open_store(args)
+    text = read_log(store, args.run_id, args.tail)
+    print(text)
+    while args.follow and store.get_run(args.run_id).status in ACTIVE_STATUSES:
+        time.sleep(1.0)
+        reconcile(store)
+        # re-read a generous tail and print only what is new; a rotated/shorter log is printed whole
+        new = read_log(store, args.run_id, 10_000)
+        if new != text:
+            print(new[len(text):].lstrip("\n") if new.startswith(text) else new, flush=True)
+            text = new
+    return 0
+
+
+@command("work", "(internal) the background worker that trains one queued run", lambda p: p.add_argument("run_id", type=int))
+def cmd_work(args: argparse.Namespace) -> int:
+    from kd_core.runner.worker import main as work
+
+    return work(args.run_id, args.db)
+
+
+def reconcile_first(args: argparse.Namespace) -> None:
+    """Every CLI call brings the database up to date with reality first (dead workers, free slots)."""
+    if args.command == "work":
+        return  # the worker dispatches when it ends; it must not delay its own start
+    try:
+        from kd_core.runner import reconcile
+
+        reconcile(open_store(args))
+    except Exception as exc:  # noqa: BLE001 - e.g. Ray unreachable: still answer the question asked
+        print(f"warning: could not reconcile runs: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kd_core", description="Distillery: knowledge-distillation experiments")
+    parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: $DISTILLERY_DB_URL or SQLite in ./distillery-data)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, arguments, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        arguments(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "work":
+        return args.func(args)  # before any heavy import; see the module docstring
+    reconcile_first(args)
+    try:
+        return args.func(args)
+    except KeyError as exc:  # unknown run id
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. resuming a completed run; ConfigError is a ValueError too
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
