@@ -6,6 +6,7 @@ allowed, e.g. ``recipe[1].params.temprature: unknown parameter of loss 'kd'; all
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_core.data import DATASETS
-from kd_core.losses import LOSSES
+from kd_core.losses import LOSSES, describe_loss
 from kd_core.models import MODELS, TORCHVISION_ARCHS, create_model, feature_spec
 
 TEACHER_SOURCE = re.compile(r"^(train|random|torchvision|run:\d+|file:.+)$")
@@ -149,13 +150,12 @@ def _recipe_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         if cls is None:
             errors.append((f"{where}.loss", f"unknown loss {term.loss!r}; allowed: {', '.join(sorted(LOSSES))}"))
             continue
-        signature = inspect.signature(cls.__init__)
-        allowed = [p for p in signature.parameters if p != "self"]
+        allowed = describe_loss(term.loss)["params"]
         for param in term.params:
             if param not in allowed:
                 errors.append((f"{where}.params.{param}", f"unknown parameter of loss {term.loss!r}; allowed: {', '.join(allowed) or 'none'}"))
-        for name, param in signature.parameters.items():
-            if name != "self" and param.default is inspect.Parameter.empty and name not in term.params:
+        for name, default in allowed.items():
+            if default is inspect.Parameter.empty and name not in term.params:
                 errors.append((f"{where}.params.{name}", f"loss {term.loss!r} needs this parameter"))
         if "stages" in cls.needs:
             for role, arch in archs.items():
@@ -166,6 +166,7 @@ def _recipe_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
     return errors
 
 
+@functools.lru_cache(maxsize=None)
 def _has_stages(arch: str) -> bool:
     return bool(feature_spec(create_model(arch, 10, 3, 32)).stages)
 

@@ -22,8 +22,9 @@ class ConvReg(nn.Module):
     """FitNet's regressor from a student map to the teacher map's shape: conv → BN → ReLU.
 
     Conv choice as in RepDistiller ``models/util.py`` / mdistiller ``_common.py``: stride-2 3×3 conv when
-    the student map is twice as large, stride-2 transposed conv when half as large, otherwise a valid conv
-    whose kernel absorbs the size difference. The final ReLU matches the post-ReLU teacher hint.
+    the student map is twice as large, stride-2 transposed conv when half as large, a valid conv whose kernel
+    absorbs the size difference when larger, and (our addition, for heterogeneous pairs) a 1×1 conv plus
+    bilinear resize otherwise. The final ReLU matches the post-ReLU teacher hint.
     """
 
     def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]) -> None:
@@ -36,8 +37,8 @@ class ConvReg(nn.Module):
             self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
         elif s_h >= t_h and s_w >= t_w:
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
-            raise ValueError(f"no regressor from student map {student_shape} to teacher map {teacher_shape}")
+        else:  # other ratios (heterogeneous pairs): 1×1 conv, then resize to the teacher's grid
+            self.conv = nn.Sequential(nn.Conv2d(s_c, t_c, kernel_size=1), nn.Upsample(size=(t_h, t_w), mode="bilinear"))
         self.bn = nn.BatchNorm2d(t_c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,23 +138,23 @@ class FitNet(DistillLoss):
     def __init__(self, stage: int | None = None) -> None:
         super().__init__()
         self.stage = stage
-        self.stage_index = -1  # resolved in build
+        self.stage_index = self.teacher_index = -1  # resolved in build
         self.regressor: ConvReg | None = None
 
     def build(self, context: BuildContext) -> None:
         student, teacher = context.student.stage_shapes, context.teacher.stage_shapes
         index = len(student) // 2 if self.stage is None else self.stage
-        if not (0 <= index < len(student) and index < len(teacher)):
-            raise ValueError(
-                f"fitnet stage {index} out of range ({len(student)} student, {len(teacher)} teacher stages)"
-            )
+        if not 0 <= index < len(student):
+            raise ValueError(f"fitnet stage {index} out of range (the student has {len(student)} stages)")
+        # the teacher's hint at the same relative depth (the same index when both have as many stages)
         self.stage_index = index
-        self.regressor = ConvReg(student[index], teacher[index])
+        self.teacher_index = round(index * (len(teacher) - 1) / max(len(student) - 1, 1))
+        self.regressor = ConvReg(student[index], teacher[self.teacher_index])
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         regressor = _require_built(self.regressor, self.name)
         f_s = inputs.student_stages[self.stage_index]
-        return fitnet_loss(regressor(f_s), inputs.teacher_stages[self.stage_index])
+        return fitnet_loss(regressor(f_s), inputs.teacher_stages[self.teacher_index])
 
 
 @register_loss
@@ -178,7 +179,9 @@ class AT(DistillLoss):
         self.p = p
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        return at_loss(inputs.student_stages, inputs.teacher_stages, self.p)
+        # heterogeneous pairs may have different stage counts: pair the deepest stages one to one
+        k = min(len(inputs.student_stages), len(inputs.teacher_stages))
+        return at_loss(inputs.student_stages[-k:], inputs.teacher_stages[-k:], self.p)
 
 
 @register_loss
