@@ -1,0 +1,379 @@
+"""Run detail: live curves while a run trains, then its results (accuracy, per class, confusion, config, log).
+
+The run comes from ``?run=<id>`` (or the selectbox). While the run is active the page body is a fragment
+that reruns every 2 s; the status is read from the database each time, and the timer stops once the run
+has finished (a full rerun then draws the final page without a timer).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import streamlit as st
+import yaml
+
+from ui import charts, metrics
+from ui import state as ui_state
+
+try:  # shared badges (written alongside); tiny fallbacks keep this page standalone
+    from ui.badges import duration_text, progress_fraction, recipe_text, status_badge
+except ImportError:  # pragma: no cover
+    def status_badge(s: str) -> str: return s  # noqa: E704
+    def recipe_text(r) -> str: return str(r)  # noqa: E704
+    def duration_text(s) -> str: return "" if s is None else f"{int(s)}s"  # noqa: E704
+    def progress_fraction(status, p):  # noqa: E704
+        return 1.0 if status == "completed" else None
+
+REFRESH_S = 2.0
+ACTIVE = getattr(ui_state, "ACTIVE", metrics.ACTIVE)
+RUN_DETAIL_PAGE = "pages/run_detail.py"
+
+
+def _runner():
+    fn = getattr(ui_state, "runner", None)
+    if fn is not None:
+        return fn()
+    try:
+        import kd_core.runner as module
+    except ImportError:
+        return None
+    return module
+
+
+def _label(run) -> str:
+    return f"#{run.id} {run.name} — {status_badge(run.status)}"
+
+
+def pick_run(store):
+    """The run from ?run=, else a selectbox over the newest runs; None when there is nothing to show."""
+    runs = store.list_runs(limit=500)
+    wanted = metrics.parse_run_ids(st.query_params.get("run"))
+    by_id = {r.id: r for r in runs}
+    if wanted and wanted[0] not in by_id:
+        try:
+            run = store.get_run(wanted[0])  # hidden or older than the list
+            by_id[run.id] = run
+            runs = [run, *runs]
+        except KeyError:
+            st.warning(f"Run #{wanted[0]} does not exist (deleted?). Pick another one below.")
+            wanted = []
+    if not runs:
+        st.info("No runs yet. Start one on the **New experiment** page; its curves will appear here live.")
+        _link("pages/new_experiment.py", "➕ New experiment")
+        return None
+    ids = [r.id for r in runs]
+    index = ids.index(wanted[0]) if wanted else 0
+    chosen = st.selectbox("Run", ids, index=index, format_func=lambda i: _label(by_id[i]), key="rd_run",
+                          help="The run shown on this page. The address bar (?run=…) keeps it, so you can bookmark or share it.")
+    if st.query_params.get("run") != str(chosen):
+        st.query_params["run"] = str(chosen)
+    return by_id[chosen]
+
+
+def _link(page: str, label: str, **kw) -> None:
+    try:
+        st.page_link(page, label=label, **kw)
+    except Exception:  # noqa: BLE001 - page not registered (page run on its own)
+        pass
+
+
+# --------------------------------------------------------------------------- header and actions
+
+
+def header(store, run) -> None:
+    cfg = run.config
+    st.title(f"#{run.id} {run.name}")
+    teacher, student, data = cfg.get("teacher", {}), cfg.get("student", {}), cfg.get("dataset", {})
+    source = teacher.get("source", "train")
+    st.markdown(
+        f"**{status_badge(run.status)}** · dataset **{data.get('name', '?')}** · teacher **{teacher.get('arch', '?')}**"
+        f" ({'trained here' if source == 'train' else source}) → student **{student.get('arch', '?')}** · "
+        f"recipe `{recipe_text(cfg.get('recipe'))}`"
+        + (f" · seed {cfg.get('seed')}" if "seed" in cfg else "")
+    )
+    cols = st.columns([2, 2, 2, 3])
+    rn = _runner()
+    with cols[0]:
+        if run.status in ACTIVE:
+            if st.button("⏹ Cancel run", help="Stops after saving a checkpoint; you can resume it later.",
+                         disabled=rn is None or run.status == "cancelling", key="rd_cancel"):
+                try:
+                    rn.cancel(store, run.id)
+                    st.toast(f"Cancelling run #{run.id}…")
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"Could not cancel: {exc}")
+                st.rerun()
+        elif run.status in ("failed", "cancelled"):
+            if st.button("▶ Resume", help="Queue the run again; it continues from its last checkpoint.",
+                         disabled=rn is None, key="rd_resume"):
+                try:
+                    rn.resume(store, run.id)
+                    st.toast(f"Run #{run.id} queued again")
+                except Exception as exc:  # noqa: BLE001
+                    st.error(f"Could not resume: {exc}")
+                st.rerun()
+    with cols[1]:
+        if st.button("📋 Clone into form", help="Open New experiment with this run's config filled in.", key="rd_clone"):
+            st.session_state["prefill_config"] = dict(run.config)
+            try:
+                st.switch_page("pages/new_experiment.py")
+            except Exception:  # noqa: BLE001
+                st.warning("The New experiment page is not available here.")
+    with cols[2]:
+        if st.button("📊 Compare…", help="Open Compare with this run selected.", key="rd_compare"):
+            try:
+                st.switch_page("pages/compare.py", query_params={"runs": str(run.id)})
+            except Exception:  # noqa: BLE001
+                st.warning("The Compare page is not available here.")
+    if rn is None and run.status in ACTIVE | {"failed", "cancelled"}:
+        st.caption("Cancel / resume need the run manager (kd_core.runner), which is not installed here.")
+
+
+def progress_block(run) -> None:
+    p = run.progress or {}
+    frac = progress_fraction(run.status, p)
+    if run.status in ("queued", "starting"):
+        st.info(f"{status_badge(run.status)} — waiting for a free worker slot; the page updates by itself.")
+    if not p:
+        st.progress(0.0, text="starting…")
+        return
+    eta = p.get("eta_s")
+    text = (
+        f"{p.get('phase', '?')} (phase {p.get('phase_index', '?')}/{p.get('phases', '?')}) · "
+        f"epoch {p.get('epoch', '?')}/{p.get('epochs', '?')} · step {p.get('step', '?')}/{p.get('steps', '?')} · "
+        f"{p.get('images_per_s', 0):,.0f} images/s"
+        + (f" · about {duration_text(eta)} left" if eta is not None else "")
+    )
+    st.progress(min(max(frac or 0.0, 0.0), 1.0), text=text)
+    if run.heartbeat_at:
+        st.caption(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {REFRESH_S:g} s")
+
+
+def log_tail(store, run, lines: int = 200) -> str:
+    rn = _runner()
+    if rn is not None and hasattr(rn, "read_log"):
+        try:
+            return rn.read_log(store, run.id, tail_lines=lines) or ""
+        except Exception as exc:  # noqa: BLE001
+            return f"(could not read the log: {exc})"
+    if run.log_path and Path(run.log_path).is_file():
+        return "\n".join(Path(run.log_path).read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def summary_block(run) -> None:
+    s = run.summary or {}
+
+    def pct(v):
+        return "—" if v is None else f"{v:.1f} %"
+
+    def pts(v):
+        return None if v is None else f"{v:+.2f} pts"
+
+    student, last, base, base_last = s.get("student_acc"), s.get("student_last_acc"), s.get("baseline_acc"), s.get("baseline_last_acc")
+    cols = st.columns(5)
+    cols[0].metric("Teacher", pct(s.get("teacher_acc")), help="Teacher's top-1 accuracy on the test split.")
+    cols[1].metric("Student (best)", pct(student), delta=pts(None if student is None or base is None else student - base),
+                   help="Distilled student, checkpoint with the best validation accuracy, on the test split. "
+                        "The delta is against the baseline (same student trained without the teacher).")
+    cols[2].metric("Student (last)", pct(last), delta=pts(None if last is None or base_last is None else last - base_last),
+                   help="Distilled student after the last epoch; delta against the baseline's last epoch.")
+    cols[3].metric("Baseline (best)", pct(base), help="The same student architecture trained with cross-entropy only, same seed.")
+    gain = s.get("kd_gain")
+    cols[4].metric("KD gain", "—" if gain is None else f"{gain:+.2f} pts",
+                   delta=None if gain is None else ("distillation helped" if gain > 0 else "no gain"),
+                   delta_color="normal" if gain is None or gain > 0 else "inverse", delta_arrow="off",
+                   help="Student (best) minus baseline (best), in percentage points: what distillation added.")
+    comp = s.get("compression")
+    if s.get("student_params"):
+        st.caption(f"Student: {s['student_params']:,} parameters, teacher: {s.get('teacher_params', 0):,}"
+                   + (f" ({comp:g}× smaller)" if comp else ""))
+    if s.get("duration_s") is not None or s.get("device"):
+        st.caption(f"device {s.get('device', '?')} · took {duration_text(s.get('duration_s'))} · "
+                   f"'best' = best epoch on the {s.get('selection_split', 'val')} split")
+
+
+# --------------------------------------------------------------------------- tabs
+
+
+def curves_tab(store, run) -> None:
+    st.caption("Every value logged per training step. Long series are averaged into buckets on the server; "
+               "the shaded band shows each bucket's min–max, so spikes are never hidden.")
+    x = st.segmented_control("x-axis", ["step", "epoch", "time"], default="step", key="rd_x",
+                             format_func=lambda v: {"step": "step", "epoch": "epoch", "time": "wall time"}[v],
+                             help="Steps restart at 0 for each model (teacher, student, baseline).") or "step"
+    groups = metrics.curve_figures(store, run, x=x)
+    if not groups:
+        st.info("No training steps logged yet.")
+        return
+    for group, figs in groups.items():
+        st.subheader(group)
+        cols = st.columns(2)
+        for i, (key, fig) in enumerate(figs):
+            with cols[i % 2]:
+                st.plotly_chart(fig, config=charts.plotly_config(f"run{run.id}_{key}"), key=f"rd_curve_{key}")
+
+
+def accuracy_tab(store, run) -> None:
+    pairs = metrics.metric_keys(store, run)
+    split = metrics.eval_split(pairs)
+    table = metrics.epoch_table(store, run)
+    if table.empty:
+        st.info("Accuracy appears after the first epoch ends.")
+        return
+    top1 = metrics.epoch_series(table, f"{split}/top1")
+    fig = charts.accuracy_figure(top1, title=f"Top-1 accuracy per epoch ({split} split): teacher vs student vs baseline")
+    st.plotly_chart(fig, config=charts.plotly_config(f"run{run.id}_accuracy"), key="rd_acc")
+    st.caption("The student should climb above the dotted baseline line if distillation helps. "
+               "A teacher loaded from a file or another run is drawn as a dashed horizontal line.")
+    agree = {k: v for k, v in metrics.epoch_series(table, f"{split}/agreement").items() if k != "teacher"}
+    kl = {k: v for k, v in metrics.epoch_series(table, f"{split}/kl_teacher_student").items() if k != "teacher"}
+    if agree or kl:
+        c1, c2 = st.columns(2)
+        with c1:
+            f = charts.accuracy_figure(agree, title="Agreement with the teacher", y_title="same top-1 class as teacher (%)", height=380)
+            st.plotly_chart(f, config=charts.plotly_config(f"run{run.id}_agreement"), key="rd_agree")
+            st.caption("How often the student predicts the same class as the teacher (right or wrong).")
+        with c2:
+            f = charts.accuracy_figure(kl, title="KL(teacher ‖ student)", y_title="KL divergence (nats)", height=380)
+            st.plotly_chart(f, config=charts.plotly_config(f"run{run.id}_kl"), key="rd_kl")
+            st.caption("How far the student's predicted probabilities are from the teacher's (lower = closer).")
+    with st.expander("Per-epoch numbers"):
+        st.dataframe(metrics.epoch_wide(table), hide_index=True)
+
+
+def per_class_tab(store, run, reps) -> None:
+    teacher = metrics.teacher_report(reps)
+    per_role: dict[str, list[float]] = {}
+    names = None
+    if teacher:
+        per_role["teacher"] = teacher[1]["class_acc"]
+        names = teacher[1].get("class_names")
+    for name in ("student_best", "baseline_best"):
+        if name in reps:
+            per_role[name.split("_")[0]] = reps[name]["class_acc"]
+            names = names or reps[name].get("class_names")
+    source = "test split, final models"
+    if not per_role:
+        per_role = metrics.last_class_acc(store, run)
+        source = "last evaluated epoch"
+    if not per_role:
+        st.info("Per-class accuracy appears after the first epoch ends.")
+        return
+    n = max(len(v) for v in per_role.values())
+    names = names or [str(i) for i in range(n)]
+    fig = charts.class_bars_figure(names, per_role, title=f"Accuracy per class ({source})")
+    st.plotly_chart(fig, config=charts.plotly_config(f"run{run.id}_per_class"), key="rd_classes")
+    st.caption("Classes where the student falls far below the teacher are where distillation has the most to give.")
+
+
+def confusion_tab(run, reps) -> None:
+    wanted = []
+    t = metrics.teacher_report(reps)
+    if t:
+        wanted.append(("Teacher", t[1]))
+    for name, title in (("student_best", "Student (distilled, best)"), ("baseline_best", "Baseline (best)")):
+        if name in reps:
+            wanted.append((title, reps[name]))
+    if not wanted:
+        st.info("Confusion matrices are computed on the test split when each model finishes training.")
+        return
+    st.caption("Rows: true class; columns: predicted class. Colour = share of the true class; numbers = images. "
+               "A perfect model has a dark diagonal.")
+    cols = st.columns(len(wanted))
+    for col, (title, rep) in zip(cols, wanted):
+        with col:
+            fig = charts.confusion_figure(rep["confusion"], rep.get("class_names") or range(len(rep["confusion"])),
+                                          title=f"{title}: {rep['top1']:.1f} %", height=440)
+            st.plotly_chart(fig, config=charts.plotly_config(f"run{run.id}_confusion_{title.split()[0].lower()}"),
+                            key=f"rd_conf_{title.split()[0]}")
+
+
+def downloads_tab(store, run) -> None:
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        st.download_button("⬇ Metrics (CSV)", data=lambda: metrics.metrics_csv(store, run.id),
+                           file_name=f"run{run.id}_metrics.csv", mime="text/csv", key="rd_dl_csv",
+                           help="Every logged value, one row per (phase, step, key).")
+    with c2:
+        st.download_button("⬇ Config (YAML)", data=yaml.safe_dump(run.config, sort_keys=False),
+                           file_name=f"run{run.id}_config.yaml", mime="application/x-yaml", key="rd_dl_yaml",
+                           help="Load it on the New experiment page or with the CLI to run it again.")
+    ckpts = metrics.checkpoint_paths(store, run.id)
+    path = ckpts.get(("student", "best")) or ckpts.get(("student", "last"))
+    with c3:
+        if path:
+            st.download_button("⬇ Student weights (safetensors)", data=lambda: Path(path).read_bytes(),
+                               file_name=f"run{run.id}_{Path(path).name}", mime="application/octet-stream",
+                               key="rd_dl_ckpt", help=f"{Path(path).name}: load with safetensors into kd_core.models.create_model.")
+        else:
+            st.caption("The student checkpoint appears when the student finishes training.")
+    others = {f"{m} ({w})": p for (m, w), p in ckpts.items()}
+    if others:
+        st.caption("Files: " + " · ".join(f"{k}: `{p}`" for k, p in sorted(others.items())))
+
+
+def body(store, run) -> None:
+    if run.status in ACTIVE:
+        progress_block(run)
+    if run.status == "failed":
+        st.error(f"**This run failed.** {run.error or 'No error message was recorded.'}")
+        tail = log_tail(store, run, 40)
+        if tail:
+            st.code(tail, language="text")
+    elif run.status == "cancelled":
+        st.warning("This run was cancelled. **Resume** continues from its last checkpoint.")
+    summary_block(run)
+    reps = metrics.reports(store, run)
+    tabs = st.tabs(["📈 Curves", "🎯 Accuracy", "🔢 Per class", "🧩 Confusion", "⚙️ Config", "📜 Log", "⬇ Downloads"])
+    with tabs[0]:
+        curves_tab(store, run)
+    with tabs[1]:
+        accuracy_tab(store, run)
+    with tabs[2]:
+        per_class_tab(store, run, reps)
+    with tabs[3]:
+        confusion_tab(run, reps)
+    with tabs[4]:
+        st.code(yaml.safe_dump(run.config, sort_keys=False), language="yaml")
+    with tabs[5]:
+        tail = log_tail(store, run)
+        st.code(tail or "(no log yet)", language="text")
+    with tabs[6]:
+        downloads_tab(store, run)
+
+
+def main() -> None:
+    store = ui_state.get_store()
+    run = pick_run(store)
+    if run is None:
+        return
+    header(store, run)
+    first_status = run.status
+    live = first_status in ACTIVE
+
+    @st.fragment(run_every=REFRESH_S if live else None)
+    def live_body() -> None:
+        try:
+            current = store.get_run(run.id)  # status always from the database
+        except KeyError:
+            st.warning(f"Run #{run.id} was deleted.")
+            return
+        if live:
+            reconcile = getattr(ui_state, "reconcile", None)
+            if reconcile is not None:
+                reconcile(store)
+                current = store.get_run(run.id)
+        if current.status != first_status and (current.status not in ACTIVE) == live:
+            st.rerun()  # started or finished: redraw the page (and stop or start the timer)
+        body(store, current)
+
+    live_body()
+
+
+_ensure_app = getattr(ui_state, "ensure_app", None)
+if _ensure_app is not None:  # a deep link on a fresh server: hand over to app.py (navigation, page config)
+    _ensure_app(__file__)
+main()

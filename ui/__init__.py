@@ -1,0 +1,1 @@
+"""Shared Streamlit helpers of the Distillery dashboard (state, forms, badges, charts)."""

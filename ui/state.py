@@ -1,0 +1,202 @@
+"""App-wide state: the Store, the runner (imported lazily), allowed paths, flash messages.
+
+Everything that must survive a page refresh or be seen by another tab lives in the database; Session State only
+holds what one browser tab is doing (form values, a pending confirmation, a one-shot message).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import streamlit as st
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- navigation guard
+
+
+def ensure_app(page_file: str) -> None:
+    """Make a deep link work on a freshly started server.
+
+    Until some session has run app.py (which calls ``st.navigation``), Streamlit treats the ``pages/`` folder as a
+    legacy multipage app: a URL like ``/runs`` runs ``pages/runs.py`` alone, without app.py's page config, sidebar
+    and navigation. Call this at the top of every page: in that legacy mode it hands over to app.py, which then
+    opens the page that was asked for, with its query parameters.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory and not getattr(_APP, "running", False) and not _under_apptest():
+        rel = Path(page_file).resolve().relative_to(PROJECT_ROOT).as_posix()
+        st.session_state["_nav_intent"] = (rel, st.query_params.to_dict())
+        st.switch_page(str(PROJECT_ROOT / "app.py"))
+
+
+def _under_apptest() -> bool:
+    """AppTest routes every run through the legacy pages/ mode; the pages work there, so no hand-over."""
+    from unittest.mock import Mock
+
+    from streamlit.runtime import Runtime
+
+    return isinstance(getattr(Runtime, "_instance", None), Mock)
+
+
+_APP = threading.local()  # app.py sets .running while it runs the page, in the script thread
+
+
+class app_frame:
+    """``with app_frame(): page.run()`` in app.py marks the page as run through the app's navigation."""
+
+    def __enter__(self) -> None:
+        _APP.running = True
+
+    def __exit__(self, *exc: object) -> None:
+        _APP.running = False
+
+
+def follow_nav_intent() -> None:
+    """Called by app.py after ``st.navigation``: open the page a legacy-routed deep link asked for."""
+    intent = st.session_state.pop("_nav_intent", None)
+    if intent:
+        st.switch_page(intent[0], query_params=intent[1] or None)
+
+
+# --------------------------------------------------------------------------- store
+
+
+@st.cache_resource(show_spinner=False)
+def _store_for(url: str):
+    from storage import Store
+
+    return Store(url)
+
+
+def get_store():
+    """The app's :class:`storage.Store`, one per database URL for the whole server (thread-safe)."""
+    from storage.db import default_db_url
+
+    return _store_for(default_db_url())
+
+
+def masked_db_url(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - never fail the sidebar over a URL
+        return "(unreadable database URL)"
+
+
+# --------------------------------------------------------------------------- runner (lazy)
+
+
+def runner() -> ModuleType | None:
+    """``kd_core.runner`` if it is installed, else None (the pages still load and say so)."""
+    try:
+        import kd_core.runner as module
+    except ImportError:
+        return None
+    return module
+
+
+ACTIVE = frozenset({"queued", "starting", "running", "cancelling"})
+
+
+def reconcile(store) -> None:
+    """Let the runner fix stale statuses and start queued runs; never break a page over it."""
+    module = runner()
+    if module is None:
+        return
+    try:
+        module.reconcile(store)
+    except Exception as exc:  # noqa: BLE001 - a failing reconcile must not hide the table
+        st.caption(f"⚠️ Could not refresh run statuses: {exc}")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def data_home() -> Path:
+    """The project's data folder (``DISTILLERY_HOME``, default ``<project>/distillery-data``)."""
+    home = Path(os.environ.get("DISTILLERY_HOME", "distillery-data")).expanduser()
+    return (home if home.is_absolute() else PROJECT_ROOT / home).resolve()
+
+
+def allowed_roots() -> list[Path]:
+    """Folders the form may point at: the data folder plus ``DISTILLERY_ALLOWED_ROOTS`` (os.pathsep-separated)."""
+    roots = [data_home()]
+    for part in os.environ.get("DISTILLERY_ALLOWED_ROOTS", "").split(os.pathsep):
+        if part.strip():
+            roots.append(Path(part.strip()).expanduser().resolve())
+    return roots
+
+
+def resolve_path(path: str) -> Path:
+    """A typed path made absolute (relative paths are relative to the project folder)."""
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else PROJECT_ROOT / p).resolve()
+
+
+def path_error(field: str, path: str) -> str | None:
+    """None when ``path`` lies under an allowed folder, else a message naming ``field``."""
+    if not str(path).strip():
+        return f"{field}: give a path"
+    resolved = resolve_path(path)
+    for root in allowed_roots():
+        if resolved == root or resolved.is_relative_to(root):
+            return None
+    allowed = ", ".join(str(r) for r in allowed_roots())
+    return (
+        f"{field}: {str(path)!r} is outside the folders the dashboard may read ({allowed}); "
+        "move it there or add its folder to DISTILLERY_ALLOWED_ROOTS"
+    )
+
+
+def uploads_dir() -> Path:
+    return data_home() / "uploads"
+
+
+def delete_run_files(run_id: int, paths: list[str]) -> list[str]:
+    """Remove a deleted run's artifact files and its folder; return what could not be removed."""
+    from kd_core.settings import artifacts_root, run_dir
+
+    root = Path(artifacts_root()).resolve()
+    problems: list[str] = []
+    for p in paths:
+        target = resolve_path(p)
+        if not target.is_relative_to(root):
+            problems.append(f"{p} (outside the artifacts folder, left alone)")
+            continue
+        try:
+            target.unlink(missing_ok=True)
+        except OSError as exc:
+            problems.append(f"{p} ({exc.strerror})")
+    folder = Path(run_dir(run_id)).resolve()
+    if folder.is_relative_to(root) and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            problems.append(str(folder))
+    return problems
+
+
+# --------------------------------------------------------------------------- one-shot messages
+
+
+def flash(message: str, kind: str = "success") -> None:
+    """Show ``message`` once on the next render (survives st.rerun / st.switch_page)."""
+    st.session_state.setdefault("_flash", []).append((kind, message))
+
+
+def show_flash() -> None:
+    for kind, message in st.session_state.pop("_flash", []):
+        getattr(st, kind, st.info)(message)
+
+
+def run_label(run: Any) -> str:
+    return f"#{run.id} {run.name}"
