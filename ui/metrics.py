@@ -1,0 +1,384 @@
+"""Data access for the result pages, on top of :class:`storage.Store`.
+
+* Series come bucketed from SQL (``Store.metric_series_bucketed``): a page never pulls millions of rows.
+* Only finished runs are cached (``st.cache_data`` keyed on run id, key, phase and ``finished_at``, plus the
+  database URL): a running run's data changes every second, a finished run's never does, and a resumed run
+  gets a new ``finished_at`` when it finishes again.
+* Config helpers: flatten to dotted keys, find the fields that differ, group runs that differ only by seed.
+
+Works outside a Streamlit session too (the benchmark): ``st.cache_data`` then keeps a process-local memo.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from ui import charts
+
+ACTIVE = frozenset({"queued", "starting", "running", "cancelling"})
+ROLES = ("teacher", "student", "baseline")
+MAX_POINTS = 2000
+EPOCH_PREFIXES = ("val/", "test/")
+# per-epoch keys worth a curve (class_acc/<c> go to the per-class chart)
+EPOCH_KEYS = ("top1", "top5", "loss", "agreement", "kl_teacher_student")
+
+
+# --------------------------------------------------------------------------- status and caching
+
+
+def is_finished(run: Any) -> bool:
+    """True when the run's data can no longer change (terminal status with a finish time)."""
+    return run.status not in ACTIVE and run.finished_at is not None
+
+
+def _url(store: Any) -> str:
+    return str(getattr(store, "url", id(store)))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _bucketed_cached(_store: Any, url: str, run_id: int, key: str, phase: str | None, max_points: int,
+                     finished_at: float) -> pd.DataFrame:
+    return _store.metric_series_bucketed(run_id, key, phase, max_points)
+
+
+def bucketed_series(store: Any, run: Any, key: str, phase: str | None = None, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """Bucketed series (phase, step, epoch, value, min, max, count, time); cached once the run is finished."""
+    if is_finished(run):
+        return _bucketed_cached(store, _url(store), run.id, key, phase, max_points, float(run.finished_at))
+    return store.metric_series_bucketed(run.id, key, phase, max_points)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _keys_cached(_store: Any, url: str, run_id: int, finished_at: float) -> list[tuple[str, str]]:
+    return _store.metric_keys(run_id)
+
+
+def metric_keys(store: Any, run: Any) -> list[tuple[str, str]]:
+    """Distinct (phase, key) pairs of the run."""
+    if is_finished(run):
+        return _keys_cached(store, _url(store), run.id, float(run.finished_at))
+    return store.metric_keys(run.id)
+
+
+def is_epoch_key(key: str) -> bool:
+    return key.startswith(EPOCH_PREFIXES)
+
+
+# --------------------------------------------------------------------------- step curves
+
+
+def group_step_keys(keys: Iterable[str]) -> "OrderedDict[str, list[str]]":
+    """Per-step keys grouped for display: Losses / Learning rate / Throughput / Other."""
+    groups: OrderedDict[str, list[str]] = OrderedDict((g, []) for g in ("Losses", "Learning rate", "Throughput", "Other"))
+    for key in sorted(set(keys), key=lambda k: (k != "loss/total", k)):
+        if is_epoch_key(key):
+            continue
+        if key.startswith("loss/"):
+            groups["Losses"].append(key)
+        elif key == "lr":
+            groups["Learning rate"].append(key)
+        elif key == "images_per_s":
+            groups["Throughput"].append(key)
+        else:
+            groups["Other"].append(key)
+    return OrderedDict((g, ks) for g, ks in groups.items() if ks)
+
+
+KEY_TITLES = {
+    "loss/total": "Total loss (weighted sum of the recipe)",
+    "lr": "Learning rate",
+    "images_per_s": "Throughput (images per second)",
+}
+
+
+def key_title(key: str) -> str:
+    if key in KEY_TITLES:
+        return KEY_TITLES[key]
+    if key.startswith("loss/"):
+        return f"Loss term '{key[5:]}' (unweighted)"
+    return key
+
+
+def key_figure(store: Any, run: Any, key: str, phases: Sequence[str], *, x: str = "step",
+               max_points: int = MAX_POINTS, height: int = 380) -> Any:
+    """One key of one run, a line per phase (teacher/student/baseline colours), min/max band when bucketed."""
+    curves = []
+    for phase in phases:
+        df = bucketed_series(store, run, key, phase, max_points)
+        if len(df):
+            curves.append(charts.Curve(name=charts.role_label(phase), color=charts.role_color(phase), frame=df))
+    return charts.curves_figure(curves, x=x, title=key_title(key), y_title=key, height=height)
+
+
+def curve_figures(store: Any, run: Any, *, x: str = "step", max_points: int = MAX_POINTS) -> "OrderedDict[str, list[tuple[str, Any]]]":
+    """Every per-step key of the run as figures, grouped: {group: [(key, figure)]}."""
+    pairs = metric_keys(store, run)
+    phases_of: dict[str, list[str]] = {}
+    for phase, key in pairs:
+        phases_of.setdefault(key, []).append(phase)
+    out: OrderedDict[str, list[tuple[str, Any]]] = OrderedDict()
+    for group, keys in group_step_keys(phases_of).items():
+        out[group] = [
+            (key, key_figure(store, run, key, sorted(phases_of[key], key=_role_order), x=x, max_points=max_points))
+            for key in keys
+        ]
+    return out
+
+
+def _role_order(phase: str) -> int:
+    return ROLES.index(phase) if phase in ROLES else len(ROLES)
+
+
+def points_caption(fig: Any) -> str:
+    """'2,000 buckets of 2,000,000 points' from a figure made by ``charts.curves_figure``."""
+    meta = fig.layout.meta or {}
+    if not meta:
+        return ""
+    return charts.points_subtitle(int(meta.get("buckets", 0)), int(meta.get("points", 0)))
+
+
+# --------------------------------------------------------------------------- per-epoch data
+
+
+def eval_split(pairs: Iterable[tuple[str, str]]) -> str:
+    """'val' or 'test': the split the run evaluated on every epoch."""
+    keys = {k for _, k in pairs}
+    return "val" if any(k.startswith("val/") for k in keys) else "test"
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _epoch_cached(_store: Any, url: str, run_id: int, keys: tuple[str, ...], finished_at: float) -> pd.DataFrame:
+    return _store.metrics_frame(run_id, keys=list(keys))
+
+
+def epoch_table(store: Any, run: Any, *, with_classes: bool = False) -> pd.DataFrame:
+    """Per-epoch rows (phase, step, epoch, key, value, time) of the evaluation keys (by index: key IN ...)."""
+    pairs = metric_keys(store, run)
+    keys = sorted({k for _, k in pairs if is_epoch_key(k) and (with_classes or "/class_acc/" not in k)})
+    if not keys:
+        return pd.DataFrame(columns=["phase", "step", "epoch", "key", "value", "time"])
+    if is_finished(run):
+        return _epoch_cached(store, _url(store), run.id, tuple(keys), float(run.finished_at))
+    return store.metrics_frame(run.id, keys=keys)
+
+
+def epoch_series(table: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
+    """{phase: frame(epoch, step, value)} of one per-epoch key, sorted by step."""
+    out: dict[str, pd.DataFrame] = {}
+    sub = table[table["key"] == key]
+    for phase, df in sub.groupby("phase"):
+        out[str(phase)] = df.sort_values("step")[["epoch", "step", "value"]].reset_index(drop=True)
+    return out
+
+
+def epoch_wide(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch table for humans and CSV: one row per (phase, epoch), one column per key."""
+    if table.empty:
+        return pd.DataFrame()
+    wide = table.pivot_table(index=["phase", "epoch", "step"], columns="key", values="value", aggfunc="last")
+    wide = wide.reset_index()
+    wide["epoch"] = wide["epoch"].astype(int) + 1
+    wide["_o"] = wide["phase"].map(_role_order)
+    return wide.sort_values(["_o", "step"]).drop(columns="_o").reset_index(drop=True)
+
+
+def last_class_acc(store: Any, run: Any) -> dict[str, list[float]]:
+    """Per-class accuracy at each phase's last evaluated epoch, from the ``<split>/class_acc/<c>`` keys."""
+    table = epoch_table(store, run, with_classes=True)
+    sub = table[table["key"].str.contains("/class_acc/", regex=False)]
+    out: dict[str, list[float]] = {}
+    for phase, df in sub.groupby("phase"):
+        last = df[df["step"] == df["step"].max()]
+        idx = last["key"].str.rsplit("/", n=1).str[-1].astype(int)
+        out[str(phase)] = last.assign(c=idx).sort_values("c")["value"].tolist()
+    return dict(sorted(out.items(), key=lambda kv: _role_order(kv[0])))
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _read_json(path: str, mtime: float) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def reports(store: Any, run: Any) -> dict[str, dict]:
+    """{report name: report} for the run (teacher, teacher_last, student_best, baseline_best, ...)."""
+    out: dict[str, dict] = {}
+    for art in store.artifacts(run.id, "report"):
+        name = str(art.meta.get("model", Path(art.path).stem))
+        p = Path(art.path)
+        if name in out or not p.is_file():
+            continue
+        try:
+            out[name] = _read_json(str(p), p.stat().st_mtime)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def teacher_report(reps: Mapping[str, dict]) -> tuple[str, dict] | None:
+    """The teacher the student learned from: the trained teacher's last weights, or the loaded one."""
+    for name in ("teacher_last", "teacher", "teacher_best"):
+        if name in reps:
+            return name, reps[name]
+    return None
+
+
+def checkpoint_paths(store: Any, run_id: int) -> dict[tuple[str, str], str]:
+    """{(model, which): path} of the run's checkpoint files that exist."""
+    out: dict[tuple[str, str], str] = {}
+    for art in store.artifacts(run_id, "checkpoint"):
+        key = (str(art.meta.get("model", "")), str(art.meta.get("which", "last")))
+        if key not in out and Path(art.path).is_file():
+            out[key] = art.path
+    return out
+
+
+def checkpoint_arch(store: Any, run_id: int, model: str) -> str | None:
+    for art in store.artifacts(run_id, "checkpoint"):
+        if art.meta.get("model") == model and art.meta.get("arch"):
+            return str(art.meta["arch"])
+    return None
+
+
+def metrics_csv(store: Any, run_id: int) -> bytes:
+    """Every metric row of the run, long format (phase, step, epoch, key, value, time)."""
+    buf = io.StringIO()
+    store.metrics_frame(run_id).to_csv(buf, index=False)
+    return buf.getvalue().encode()
+
+
+# --------------------------------------------------------------------------- configs and results
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> dotted keys: ``student.optimizer.lr``, ``recipe[1].params.temperature``."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        if not obj and prefix:
+            out[prefix] = "{}"
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        if all(not isinstance(v, (Mapping, list, tuple)) for v in obj):
+            out[prefix] = ", ".join(str(v) for v in obj) if obj else "[]"
+        else:
+            for i, v in enumerate(obj):
+                out.update(flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def config_table(runs: Sequence[Any], *, only_differing: bool = False, skip: Iterable[str] = ()) -> pd.DataFrame:
+    """Configs side by side: one row per dotted field, one column per run ('#id name')."""
+    flats = {f"#{r.id} {r.name}": flatten(r.config) for r in runs}
+    fields: list[str] = []
+    for f in flats.values():
+        fields.extend(k for k in f if k not in fields)
+    skip = set(skip)
+    rows = {}
+    for field in fields:
+        if field in skip:
+            continue
+        values = [f.get(field, "—") for f in flats.values()]
+        if only_differing and len({json.dumps(v, sort_keys=True, default=str) for v in values}) <= 1:
+            continue
+        rows[field] = [_cell(v) for v in values]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(flats)) if rows else pd.DataFrame(columns=list(flats))
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def differing_fields(runs: Sequence[Any]) -> list[str]:
+    return list(config_table(runs, only_differing=True).index)
+
+
+def numeric_differing(runs: Sequence[Any]) -> pd.DataFrame:
+    """Numeric config fields that differ between runs, one row per run (for parallel coordinates)."""
+    flats = [flatten(r.config) for r in runs]
+    cols: dict[str, list[float]] = {}
+    for field in differing_fields(runs):
+        vals = [f.get(field) for f in flats]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            cols[field] = [float(v) for v in vals]
+    return pd.DataFrame(cols, index=[r.id for r in runs])
+
+
+RESULT_COLUMNS = OrderedDict(
+    [
+        ("teacher_acc", "teacher (test %)"),
+        ("student_acc", "student best (test %)"),
+        ("student_last_acc", "student last (test %)"),
+        ("baseline_acc", "baseline best (test %)"),
+        ("kd_gain", "KD gain (points)"),
+    ]
+)
+
+
+def results_frame(runs: Sequence[Any]) -> pd.DataFrame:
+    """Best / last / baseline / KD gain of each run (from the run summaries)."""
+    rows = []
+    for r in runs:
+        row = {"run": f"#{r.id} {r.name}", "status": r.status, "seed": r.config.get("seed")}
+        for k, label in RESULT_COLUMNS.items():
+            v = r.summary.get(k)
+            row[label] = float(v) if isinstance(v, (int, float)) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def config_signature(config: Mapping[str, Any]) -> str:
+    """The config without seed and name: runs with equal signatures are repeats of one setup."""
+    flat = {k: v for k, v in flatten(config).items() if k not in ("seed", "name")}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def seed_groups_frame(runs: Sequence[Any]) -> pd.DataFrame:
+    """mean ± std of the results over runs that share a config except the seed (groups of >= 1 run)."""
+    groups: OrderedDict[str, list[Any]] = OrderedDict()
+    for r in runs:
+        groups.setdefault(config_signature(r.config), []).append(r)
+    rows = []
+    for members in groups.values():
+        row: dict[str, Any] = {
+            "runs": ", ".join(f"#{r.id}" for r in members),
+            "n": len(members),
+            "seeds": ", ".join(str(r.config.get("seed")) for r in members),
+        }
+        for k, label in RESULT_COLUMNS.items():
+            vals = [float(r.summary[k]) for r in members if isinstance(r.summary.get(k), (int, float))]
+            row[label] = mean_std_text(vals)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_std_text(vals: Sequence[float]) -> str:
+    if not vals:
+        return "—"
+    s = pd.Series(vals, dtype=float)
+    if len(vals) == 1:
+        return f"{s.iloc[0]:.2f}"
+    return f"{s.mean():.2f} ± {s.std(ddof=1):.2f}"
+
+
+def parse_run_ids(text: str | None) -> list[int]:
+    """'1,2, 3' -> [1, 2, 3] (junk ignored)."""
+    return [int(t) for t in re.findall(r"\d+", text or "")]
