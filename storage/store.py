@@ -11,7 +11,10 @@ Design notes (why it looks like this):
 * Claiming a queued run is a single conditional ``UPDATE`` (:meth:`Store.transition`),
   so two schedulers can never both start the same run.
 * Plot downsampling happens in SQL (:meth:`Store.metric_series_bucketed`) so the
-  dashboard never pulls millions of rows into pandas.
+  dashboard never pulls millions of rows into pandas.  Buckets are power-of-two
+  wide and aligned at step 0 (:func:`bucket_width`), so a bucket ``[k*w, (k+1)*w)``
+  never changes once a later step was logged: a live chart can keep the complete
+  buckets and fetch only the tail (:meth:`Store.metric_buckets` with ``since_step``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, Integer, Select, delete, func, insert, literal_column, select, update
+from sqlalchemy import Engine, Integer, Select, delete, func, insert, literal_column, select, text, update
 from sqlalchemy.engine import Connection, Row
 
 from storage.db import SQLITE_BEGIN_OPTION, default_db_url, make_engine, run_migrations
@@ -42,6 +45,42 @@ _TIME_FIELDS = frozenset({"started_at", "finished_at", "heartbeat_at"})
 SERIES_COLUMNS = ["phase", "step", "epoch", "value", "time"]
 BUCKETED_COLUMNS = ["phase", "step", "epoch", "value", "min", "max", "count", "time"]
 FRAME_COLUMNS = ["phase", "step", "epoch", "key", "value", "time"]
+# metric_buckets: ``start`` is the bucket's first step (a multiple of the width), ``n_values``
+# the non-NULL values the mean is over (needed to merge buckets exactly)
+BUCKET_COLUMNS = ["start", "step", "epoch", "value", "min", "max", "count", "n_values", "time"]
+# above this many buckets one tail query uses GROUP BY instead of one index probe per bucket
+_PROBE_MAX_BUCKETS = 20_000
+
+
+def bucket_width(min_step: int, max_step: int, max_points: int) -> int:
+    """Smallest power of two ``w`` such that ``[min_step, max_step]`` spans at most ``max_points``
+    buckets ``[k*w, (k+1)*w)`` aligned at step 0 (``max_step//w - min_step//w + 1 <= max_points``).
+
+    Aligned power-of-two buckets only ever split into/merge from halves: when a growing run
+    doubles the width, bucket ``j`` at ``2w`` is exactly buckets ``2j`` and ``2j+1`` at ``w``.
+    """
+    if max_points < 1:
+        raise ValueError(f"max_points must be >= 1, got {max_points}")
+    lo, hi = int(min_step), int(max_step)
+    if hi < lo:
+        raise ValueError(f"max_step {hi} < min_step {lo}")
+    w = 1
+    while hi // w - lo // w + 1 > max_points:
+        w *= 2
+    return w
+
+
+def _parse_packed(packed: str) -> tuple[Any, ...]:
+    """One bucket packed by SQLite's ``quote(..)||','||..`` (exact: quote() prints reals with 20 digits)."""
+    out: list[Any] = []
+    for i, part in enumerate(packed.split(",")):
+        if part == "NULL":
+            out.append(None)
+        elif i in (0, 1, 5, 6):  # step, epoch, count, n_values
+            out.append(int(part))
+        else:
+            out.append(float(part))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -209,7 +248,7 @@ def _typed_frame(records: Iterable[Sequence[Any]], columns: list[str]) -> pd.Dat
         df = pd.DataFrame(rows, columns=columns)
     else:
         df = pd.DataFrame({c: [] for c in columns}, columns=columns)
-    for col in ("step", "count"):
+    for col in ("start", "step", "count", "n_values"):
         if col in df:
             df[col] = df[col].astype("int64")
     for col in ("value", "min", "max", "time"):
@@ -433,32 +472,130 @@ class Store:
     ) -> pd.DataFrame:
         """Downsampled series for plotting, aggregated in SQL.
 
-        Per phase, steps are split into buckets of ``width = (max_step -
-        min_step) // max_points + 1`` steps (``GROUP BY (step - min_step) /
-        width``), so each phase yields at most ``max_points`` buckets.  Each
-        bucket reports its first step/epoch/time, mean ``value``, ``min``,
-        ``max`` and ``count`` (sum of counts == rows).  Series with at most
-        ``max_points`` rows in total come back unbucketed (min = max = value,
-        count = 1).
+        Per phase, steps are split into buckets ``[k*w, (k+1)*w)`` aligned at step 0,
+        ``w = bucket_width(min_step, max_step, max_points)`` the smallest power of two
+        that gives at most ``max_points`` buckets.  Each bucket reports its first
+        step/epoch/time, mean ``value``, ``min``, ``max`` and ``count`` (sum of counts
+        == rows).  Series with at most ``max_points`` rows in total come back
+        unbucketed (min = max = value, count = 1).  Everything is read in one
+        transaction (one snapshot).
         """
         if max_points < 1:
             raise ValueError(f"max_points must be >= 1, got {max_points}")
-        stats_stmt = self._series_filter(
-            select(
-                metrics.c.phase, func.count(), func.min(metrics.c.step), func.max(metrics.c.step)
-            ),
-            run_id, key, phase,
-        ).group_by(metrics.c.phase).order_by(metrics.c.phase)
+        parts: list[pd.DataFrame] = []
         with self.engine.connect() as conn:
-            stats = conn.execute(stats_stmt).all()
-            if sum(int(n) for _, n, _, _ in stats) <= max_points:
+            phases = [phase] if phase is not None else self._phases(conn, run_id, key)
+            for ph in phases:
+                rng = self._step_range(conn, run_id, key, ph)
+                if rng is None:
+                    continue
+                width = bucket_width(rng[0], rng[1], max_points)
+                df = self._buckets(conn, run_id, key, ph, width, None, rng)
+                df.insert(0, "phase", ph)
+                parts.append(df)
+            if sum(int(p["count"].sum()) for p in parts) <= max_points:
                 return self._unbucketed(conn, run_id, key, phase)
-            records: list[Sequence[Any]] = []
-            for ph, _n, lo, hi in stats:
-                width = (int(hi) - int(lo)) // max_points + 1
-                stmt = self._bucket_stmt(run_id, key, ph, int(lo), width)
-                records.extend((ph, *r[1:]) for r in conn.execute(stmt))
-        return _typed_frame(records, BUCKETED_COLUMNS)
+        out = pd.concat(parts, ignore_index=True)
+        out["phase"] = out["phase"].astype("object")
+        return out[BUCKETED_COLUMNS]
+
+    def metric_phases(self, run_id: int, key: str) -> list[str]:
+        """Phases in which ``key`` was logged, sorted."""
+        with self.engine.connect() as conn:
+            return self._phases(conn, run_id, key)
+
+    def metric_step_range(self, run_id: int, key: str, phase: str) -> tuple[int, int] | None:
+        """``(min step, max step)`` of one phase of one metric, or None; two index probes."""
+        with self.engine.connect() as conn:
+            return self._step_range(conn, run_id, key, phase)
+
+    def metric_buckets(
+        self, run_id: int, key: str, phase: str, width: int, since_step: int | None = None
+    ) -> pd.DataFrame:
+        """Buckets ``[k*width, (k+1)*width)`` of one phase of one metric, from ``since_step`` on.
+
+        ``width`` is a power of two (see :func:`bucket_width`); ``since_step`` is rounded
+        down to its bucket's start, so only whole buckets are returned and the rows read
+        are an index range on ``step``.  Columns: start (the bucket's first possible
+        step), step/epoch/time (firsts), value (mean of the non-NULL values), min, max,
+        count (rows), n_values (non-NULL values); empty buckets are left out.
+        """
+        width = int(width)
+        if width < 1 or width & (width - 1):
+            raise ValueError(f"width must be a power of two, got {width}")
+        with self.engine.connect() as conn:
+            return self._buckets(conn, run_id, key, phase, width, since_step, None)
+
+    def _phases(self, conn: Connection, run_id: int, key: str) -> list[str]:
+        stmt = (
+            select(metrics.c.phase)
+            .where(metrics.c.run_id == run_id, metrics.c.key == key)
+            .distinct()
+            .order_by(metrics.c.phase)
+        )
+        return [r[0] for r in conn.execute(stmt)]
+
+    def _step_range(self, conn: Connection, run_id: int, key: str, phase: str) -> tuple[int, int] | None:
+        """Separate MIN and MAX queries: each is one index probe (together they scan)."""
+        lo = conn.execute(
+            self._series_filter(select(func.min(metrics.c.step)), run_id, key, phase)
+        ).scalar_one()
+        if lo is None:
+            return None
+        hi = conn.execute(
+            self._series_filter(select(func.max(metrics.c.step)), run_id, key, phase)
+        ).scalar_one()
+        return int(lo), int(hi)
+
+    def _buckets(
+        self, conn: Connection, run_id: int, key: str, phase: str, width: int,
+        since_step: int | None, rng: tuple[int, int] | None,
+    ) -> pd.DataFrame:
+        if rng is None:
+            rng = self._step_range(conn, run_id, key, phase)
+        if rng is None:
+            return _typed_frame([], BUCKET_COLUMNS)
+        lo, hi = rng
+        first = lo if since_step is None else max(lo, int(since_step))
+        first -= first % width  # floor to the bucket start (also for negative steps)
+        if first > hi:
+            return _typed_frame([], BUCKET_COLUMNS)
+        n_buckets = (hi - first) // width + 1
+        if self.engine.dialect.name == "sqlite" and n_buckets <= _PROBE_MAX_BUCKETS:
+            records = self._buckets_probed(conn, run_id, key, phase, width, first, hi)
+        else:
+            stmt = self._bucket_stmt(run_id, key, phase, width, first)
+            records = [tuple(r) for r in conn.execute(stmt)]
+        return _typed_frame(records, BUCKET_COLUMNS)
+
+    @staticmethod
+    def _buckets_probed(
+        conn: Connection, run_id: int, key: str, phase: str, width: int, first: int, hi: int
+    ) -> list[tuple[Any, ...]]:
+        """SQLite: one index range probe per bucket instead of ``GROUP BY``.
+
+        SQLite has no hash aggregate: ``GROUP BY step / w`` sorts every row in a temp
+        B-tree (about 40% of the time for 2M rows).  Walking the bucket starts with a
+        recursive CTE and aggregating each ``step`` range in a correlated subquery reads
+        the rows in index order with no sort.  The subquery packs its aggregates into
+        one text value with ``quote()``, which prints reals with enough digits to
+        round-trip exactly.
+        """
+        sql = text(
+            "WITH RECURSIVE b(s) AS (SELECT :first UNION ALL SELECT s + :w FROM b WHERE s + :w <= :hi) "
+            "SELECT s, (SELECT quote(min(step)) || ',' || quote(min(epoch)) || ',' || quote(avg(value))"
+            " || ',' || quote(min(value)) || ',' || quote(max(value)) || ',' || count(*)"
+            " || ',' || count(value) || ',' || quote(min(time))"
+            " FROM metrics WHERE run_id = :run AND key = :key AND phase = :phase"
+            " AND step >= s AND step < s + :w) FROM b"
+        )
+        params = {"first": first, "w": width, "hi": hi, "run": run_id, "key": key, "phase": phase}
+        out: list[tuple[Any, ...]] = []
+        for s, packed in conn.execute(sql, params):
+            vals = _parse_packed(packed)
+            if vals[5]:  # count > 0
+                out.append((int(s), *vals))
+        return out
 
     def _unbucketed(
         self, conn: Connection, run_id: int, key: str, phase: str | None
@@ -473,34 +610,34 @@ class Store:
         df["count"] = pd.Series(1, index=df.index, dtype="int64")
         return df[BUCKETED_COLUMNS]
 
-    def _bucket_stmt(self, run_id: int, key: str, phase: str, min_step: int, width: int) -> Select:
-        """One phase's ``GROUP BY (step - min_step) / width``.
+    def _bucket_stmt(self, run_id: int, key: str, phase: str, width: int, first: int) -> Select:
+        """One phase's ``GROUP BY step & -width`` (the bucket start; floor also for negative steps).
 
-        Grouping by the bucket alone (the phase is fixed by the WHERE clause)
-        keeps SQLite's sorter records small: ~30% faster than also grouping by
-        phase.
+        Grouping by the bucket alone (the phase is fixed by the WHERE clause) keeps
+        the sort/hash records small.
 
-        ``min_step``/``width`` are rendered as integer literals (they are ints we
+        ``width``/``first`` are rendered as integer literals (they are ints we
         computed, so this is injection-safe): identical expressions in SELECT and
         GROUP BY are then textually equal on PostgreSQL, and the planner sees
         constants.  (A CTE/join version made PostgreSQL re-run the aggregate per
         row when table statistics were stale: 40 s for 10k rows.)
         """
-        lo = literal_column(str(int(min_step)), Integer)
-        w = literal_column(str(int(width)), Integer)
-        bucket = ((metrics.c.step - lo) // w).label("bucket")
+        mask = literal_column(f"({-int(width)})", Integer)
+        start = metrics.c.step.op("&")(mask).label("start")
         stmt = select(
-            bucket,
+            start,
             func.min(metrics.c.step).label("step"),
             func.min(metrics.c.epoch).label("epoch"),
             func.avg(metrics.c.value).label("value"),
             func.min(metrics.c.value).label("min"),
             func.max(metrics.c.value).label("max"),
             func.count().label("count"),
+            func.count(metrics.c.value).label("n_values"),
             func.min(metrics.c.time).label("time"),
         )
         stmt = self._series_filter(stmt, run_id, key, phase)
-        return stmt.group_by(bucket).order_by(bucket)
+        stmt = stmt.where(metrics.c.step >= literal_column(str(int(first)), Integer))
+        return stmt.group_by(start).order_by(start)
 
     def metrics_frame(
         self, run_id: int, phase: str | None = None, keys: Sequence[str] | None = None
@@ -624,4 +761,4 @@ class RunSink:
         self.store.delete_metrics_after(self.run_id, phase, step)
 
 
-__all__ = ["ArtifactRecord", "RunRecord", "RunSink", "Store", "to_jsonable"]
+__all__ = ["ArtifactRecord", "RunRecord", "RunSink", "Store", "bucket_width", "to_jsonable"]

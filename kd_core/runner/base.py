@@ -1,0 +1,183 @@
+"""The executor interface and what every executor shares: statuses, timings, worker environment, logs.
+
+A run's life, all of it recorded in the database (never in a dashboard's memory)::
+
+    queued -> starting -> running -> completed | failed | cancelled
+                 \\           \\-> cancelling -> cancelled
+                  \\-> failed (the worker never came up)
+
+* ``queued -> starting`` is the *claim*: one conditional UPDATE (``Store.transition``), so two dashboards
+  or CLIs can never start the same run twice. The dispatcher then asks an :class:`Executor` to launch
+  ``python -m kd_core work RUN_ID``.
+* ``starting -> running`` is done by the worker itself once its process is up.
+* While a run is ``cancelling``, ``finished_at`` holds the time the stop was requested (the runs table
+  has no other free column for it); the worker overwrites it with the real end time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from kd_core.settings import artifacts_root, run_dir
+
+if TYPE_CHECKING:
+    from storage import RunRecord, Store
+
+ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "starting", "running", "cancelling"})
+# Statuses that hold a slot: everything active except waiting in the queue.
+SLOT_STATUSES: tuple[str, ...] = ("starting", "running", "cancelling")
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+HEARTBEAT_INTERVAL_S = 2.0  # worker thread; well under the staleness limit so one slow write is no death
+STALE_HEARTBEAT_S = 10.0  # a running run whose heartbeat is older than this *and* whose process is gone has died
+CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL
+WORKER_LOST = "worker stopped without reporting"
+LOG_NAME = "worker.log"
+ERROR_LOG_LINES = 40  # log lines appended to run.error when a run fails
+
+HOST = socket.gethostname()
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding kd_core/ and storage/
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an executor knows about a run's worker.
+
+    ``alive``: the process/job may still report. ``reason``: why it is gone or will never start (becomes
+    run.error). ``stop``: the executor still holds something (e.g. a Ray job stuck in PENDING) that the
+    caller should stop.
+    """
+
+    alive: bool
+    reason: str | None = None
+    stop: bool = False
+
+
+class Executor(ABC):
+    """Starts, watches and stops worker processes. Implementations: ``local`` and ``ray``."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def slots(self) -> int:
+        """How many runs this executor may run at once."""
+
+    @abstractmethod
+    def occupied(self, active: list[RunRecord]) -> int:
+        """How many of the slot-holding runs ``active`` use this executor's slots."""
+
+    @abstractmethod
+    def launch(self, store: Store, run: RunRecord) -> None:
+        """Start ``python -m kd_core work RUN_ID`` for a run just claimed (status ``starting``); return at once."""
+
+    @abstractmethod
+    def probe(self, run: RunRecord) -> Probe:
+        """Is the run's worker still there?"""
+
+    @abstractmethod
+    def request_stop(self, run: RunRecord) -> None:
+        """Ask the worker to stop gracefully (it checkpoints and marks the run ``cancelled``)."""
+
+    @abstractmethod
+    def kill(self, run: RunRecord) -> bool:
+        """Stop the worker now; False when this executor cannot reach it (another host)."""
+
+    def fallback_log(self, run: RunRecord, tail_lines: int) -> str | None:
+        """The run's log when its log file is not readable here (e.g. from the cluster); None if unknown."""
+        return None
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def configured_slots(default: int) -> int:
+    """``DISTILLERY_SLOTS`` when set (a positive integer), else ``default``."""
+    raw = os.environ.get("DISTILLERY_SLOTS", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"DISTILLERY_SLOTS must be a positive integer (runs at once), got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"DISTILLERY_SLOTS must be at least 1, got {value}")
+    return value
+
+
+def visible_gpus() -> int:
+    """Number of NVIDIA GPUs this host may use, found without importing torch (the CLI stays fast)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len([p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)])
+
+
+def absolute_db_url(url: str) -> str:
+    """Make a relative SQLite path absolute, so a worker started elsewhere opens the same file."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return url
+    return parsed.set(database=str(Path(db).expanduser().resolve())).render_as_string(hide_password=False)
+
+
+def worker_env(store: Store) -> dict[str, str]:
+    """Variables every worker needs to find the same database and artifacts as its submitter."""
+    if store.url.startswith("sqlite") and ":memory:" in store.url:
+        raise ValueError("an in-memory SQLite database cannot be shared with worker processes; use a file or PostgreSQL URL")
+    return {
+        "DISTILLERY_DB_URL": absolute_db_url(store.url),
+        "DISTILLERY_ARTIFACTS": str(artifacts_root().expanduser().resolve()),
+        "PYTHONUNBUFFERED": "1",  # the log file shows lines as they happen
+    }
+
+
+def log_path_for(run_id: int) -> Path:
+    return run_dir(run_id).expanduser().resolve() / LOG_NAME
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def tail_text(path: str | Path | None, lines: int, max_bytes: int = 512 * 1024) -> str | None:
+    """The last ``lines`` lines of a text file (reads at most ``max_bytes``); None when it does not exist."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None
+    text = data.decode("utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join(text.splitlines()[-lines:]) if lines > 0 else ""
+
+
+def with_log_tail(message: str, log_path: str | Path | None) -> str:
+    """``message`` plus the end of the worker log, so run.error alone explains a failure."""
+    tail = tail_text(log_path, ERROR_LOG_LINES)
+    if not tail or not tail.strip():
+        return message
+    return f"{message}\n\n--- last lines of {Path(str(log_path)).name} ---\n{tail}"
+
+
+def heartbeat_age(run: RunRecord, now: float | None = None) -> float:
+    """Seconds since the run last showed life (heartbeat, else start, else creation)."""
+    last = run.heartbeat_at or run.started_at or run.created_at
+    return (time.time() if now is None else now) - last
+
+
+def warn(message: str) -> None:
+    print(f"distillery runner: {message}", file=sys.stderr)

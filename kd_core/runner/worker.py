@@ -1,0 +1,214 @@
+"""``python -m kd_core work RUN_ID``: the process that trains one run, under any executor.
+
+It reads the config from the database, beats a heartbeat from a thread (so a long evaluation is not
+mistaken for death), reports progress and metrics through :class:`storage.RunSink`, and always ends the
+run itself: ``completed``, ``failed`` (error + log tail) or ``cancelled`` (after a checkpoint). Then it
+starts the next queued run, so the queue drains without a daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kd_core.runner.base import HEARTBEAT_INTERVAL_S, HOST, log_path_for, warn, with_log_tail
+
+if TYPE_CHECKING:
+    from storage import Store
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT or by a ``cancelling`` status; read by the engine after every step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+def install_signal_handlers(flag: StopFlag) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        # only set a flag: the engine finishes the step, checkpoints and raises StopRequested
+        flag.set(f"received {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class Heartbeat(threading.Thread):
+    """Marks the run alive every few seconds, independent of training progress, and watches for cancel."""
+
+    def __init__(self, store: Store, run_id: int, flag: StopFlag) -> None:
+        super().__init__(name=f"heartbeat-{run_id}", daemon=True)
+        self.store, self.run_id, self.flag = store, run_id, flag
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.beat()
+            if self._done.wait(HEARTBEAT_INTERVAL_S):
+                return
+
+    def beat(self) -> None:
+        try:
+            self.store.heartbeat(self.run_id)
+            # a cancel from a host that cannot signal us (or through Ray) arrives as the status
+            if self.store.get_run(self.run_id).status == "cancelling":
+                self.flag.set("status set to cancelling")
+        except KeyError:
+            self.flag.set("the run was deleted")
+        except Exception as exc:  # noqa: BLE001 - a DB hiccup must not kill training; the next beat retries
+            warn(f"heartbeat failed: {exc.__class__.__name__}: {exc}")
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+
+
+class LoggingSink:
+    """Forwards to the real sink and writes a line to the log at each new phase or epoch."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._last: tuple[Any, Any] = (None, None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def update_progress(self, progress: dict[str, Any]) -> None:
+        self.inner.update_progress(progress)
+        key = (progress.get("phase"), progress.get("epoch"))
+        if key != self._last:
+            self._last = key
+            eta = progress.get("eta_s")
+            log(
+                f"{progress.get('phase')} ({progress.get('phase_index')}/{progress.get('phases')}) "
+                f"epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress.get('step')}/{progress.get('steps')}, "
+                f"{progress.get('images_per_s')} img/s" + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else "")
+            )
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class Outcome:
+    status: str  # completed | failed | cancelled
+    error: str | None = None
+
+
+def main(run_id: int, db_url: str | None = None) -> int:
+    flag = StopFlag()
+    install_signal_handlers(flag)  # first: a cancel during start-up must not kill us before we can report
+    from storage import Store
+
+    store = Store(db_url)
+    if not claim(store, run_id, flag):
+        return 0
+    heartbeat = Heartbeat(store, run_id, flag)
+    heartbeat.start()
+    try:
+        outcome = train(store, run_id, flag)
+    finally:
+        heartbeat.stop()  # before the final write, so nothing touches the run after it ends
+    finish(store, run_id, outcome)
+    start_next(store)
+    store.checkpoint_wal()  # last write of this worker: the WAL is folded back and truncated
+    store.dispose()
+    return 0 if outcome.status != "failed" else 1
+
+
+def claim(store: Store, run_id: int, flag: StopFlag) -> bool:
+    """``starting -> running`` with our pid; False (after tidying up) when the run is no longer ours to run."""
+    now = time.time()
+    fields = {"pid": os.getpid(), "host": HOST, "started_at": now, "heartbeat_at": now, "finished_at": None, "error": None}
+    if store.transition(run_id, "starting", "running", **fields):
+        return True
+    status = store.get_run(run_id).status
+    if status == "cancelling":  # cancelled while we were starting up
+        store.transition(run_id, "cancelling", "cancelled", finished_at=time.time())
+        log(f"run {run_id} was cancelled before it started")
+    else:
+        log(f"run {run_id} is {status}, not starting: nothing to do")
+    return False
+
+
+def train(store: Store, run_id: int, flag: StopFlag) -> Outcome:
+    log_path = store.get_run(run_id).log_path or log_path_for(run_id)
+    try:
+        return _train(store, run_id, flag)
+    except KeyboardInterrupt:
+        return Outcome("cancelled")
+    except Exception as exc:  # noqa: BLE001 - any error fails this run alone, with the reason recorded
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        return Outcome("failed", with_log_tail(f"{exc.__class__.__name__}: {exc}", log_path))
+
+
+def _train(store: Store, run_id: int, flag: StopFlag) -> Outcome:
+    import torch
+
+    from storage import RunSink
+
+    from kd_core.config import validate_config
+    from kd_core.settings import run_dir
+    from kd_core.train import CHECKPOINT, StopRequested, run_experiment
+
+    threads = os.environ.get("DISTILLERY_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    run = store.get_run(run_id)
+    config = validate_config(run.config)
+    directory = run_dir(run_id)
+    resume = (directory / CHECKPOINT).exists()
+    if not resume:
+        discard_all_metrics(store, run_id)  # a restart from scratch must not duplicate an earlier attempt's rows
+    log(f"run {run_id} ({config.name}) on {HOST}, pid {os.getpid()}, " + ("resuming from its checkpoint" if resume else "from scratch"))
+    if flag.is_set():
+        return Outcome("cancelled")
+    try:
+        summary = run_experiment(config, LoggingSink(RunSink(store, run_id)), directory, stop_requested=flag.is_set, resume=resume)
+    except StopRequested:
+        log(f"stopped ({flag.reason}); checkpoint saved, `resume` continues from it")
+        return Outcome("cancelled")
+    log("completed: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return Outcome("completed")
+
+
+def discard_all_metrics(store: Store, run_id: int) -> None:
+    for phase in sorted({phase for phase, _ in store.metric_keys(run_id)}):
+        store.delete_metrics_after(run_id, phase, -1)
+
+
+def finish(store: Store, run_id: int, outcome: Outcome) -> None:
+    fields: dict[str, Any] = {"finished_at": time.time(), "error": outcome.error}
+    # a run cancelled while finishing its last step still counts as what actually happened
+    if not store.transition(run_id, ["running", "cancelling"], outcome.status, **fields):
+        warn(f"run {run_id} was no longer running (status {store.get_run(run_id).status}); left it as is")
+    log(f"run {run_id}: {outcome.status}")
+
+
+def start_next(store: Store) -> None:
+    try:
+        from kd_core.runner import dispatch, get_executor
+
+        started = dispatch(store, get_executor())
+        if started:
+            log("started queued run(s) " + ", ".join(map(str, started)))
+    except Exception as exc:  # noqa: BLE001 - the next reconcile() dispatches instead
+        warn(f"could not start the next queued run: {exc.__class__.__name__}: {exc}")
