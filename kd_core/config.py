@@ -114,6 +114,17 @@ class LossTerm(_Strict):
     warmup_epochs: int = Field(0, ge=0, description="linear warm-up of the weight over this many epochs")
 
 
+class AnalysisConfig(_Strict):
+    """What the run computes for the Analysis page (stored as artifacts, so pages load instantly)."""
+
+    enabled: bool = True
+    cka_checkpoints: int = Field(4, ge=0, le=50, description="epochs with teacher-vs-student CKA (evenly spaced, last included)")
+    samples: int = Field(500, ge=20, le=10_000, description="held-out images used for CKA, prototypes and projections")
+    attribution_images: int = Field(12, ge=0, le=64)
+    # t-SNE and UMAP take tens of seconds on a CPU: opt in per config
+    projections: list[Literal["pca", "tsne", "umap"]] = Field(default_factory=lambda: ["pca"], min_length=1)
+
+
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", min_length=1, max_length=200)
     seed: int = Field(0, ge=0)
@@ -125,6 +136,7 @@ class ExperimentConfig(_Strict):
     baseline: bool = Field(True, description="also train the student with CE only, same seed")
     cache_teacher: bool = Field(True, description="compute teacher outputs once when nothing makes them vary")
     checkpoint_every_s: float = Field(60.0, ge=1, description="also checkpoint mid-epoch this often")
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_core.analysis.report import AnalysisSettings, analysis_subset, build_analysis, cka_checkpoint, cka_epochs, cka_teacher_self
 from kd_core.config import ExperimentConfig, LossTerm, _ModelConfig
 from kd_core.data import DataSplits, augment_batch, batch_indices, iterate, load_dataset
 from kd_core.features import FeatureTap, probe_shapes
@@ -209,6 +210,8 @@ class Experiment:
             progress.best_top1 = -1.0
             self.save_checkpoint(progress, None, None, None, None)
         summary = self.final_summary(progress)
+        if self.config.analysis.enabled:
+            summary.update(self.record_analysis())
         self.sink.update_summary(summary)
         summary = {**sizes, **summary}
         self.logger.flush()
@@ -305,6 +308,8 @@ class Experiment:
                 progress.batch = 0
                 metrics = classification_metrics(predict(model, eval_x, self.amp), eval_y, self.data.num_classes, eval_teacher_logits)
                 self.logger.log(phase.name, progress.step, epoch, {f"{split}/{k}": v for k, v in metrics.items()})
+                if teacher is not None and epoch + 1 in self.cka_epochs(cfg.epochs):
+                    self.record_cka(teacher, model, eval_x, split, phase.name, epoch + 1, progress.step)
                 if metrics["top1"] > progress.best_top1:
                     progress.best_top1 = metrics["top1"]
                     save_weights(model, self.dir / f"{phase.name}_best.safetensors")
@@ -471,6 +476,46 @@ class Experiment:
             summary["baseline_last_acc"] = r["baseline"]["last"]
             summary["kd_gain"] = round(summary["student_acc"] - summary["baseline_acc"], 2)
         return summary
+
+    # ---- analysis artifacts (read by the Analysis page)
+
+    def analysis_settings(self) -> AnalysisSettings:
+        a = self.config.analysis
+        return AnalysisSettings(a.cka_checkpoints, a.samples, a.attribution_images, tuple(a.projections), seed=self.config.seed)
+
+    def cka_epochs(self, epochs: int) -> set[int]:
+        return cka_epochs(epochs, self.config.analysis.cka_checkpoints) if self.config.analysis.enabled else set()
+
+    def record_cka(self, teacher: nn.Module, model: nn.Module, eval_x: torch.Tensor, split: str, phase: str, epoch: int, step: int) -> None:
+        x = eval_x[: self.config.analysis.samples]
+        if not (self.dir / "cka_teacher_self.json").exists():
+            path, meta = cka_teacher_self(teacher, x, split=split, out_dir=self.dir)
+            self.sink.add_artifact("cka", str(path), meta)
+        path, meta = cka_checkpoint(teacher, model, x, phase=phase, epoch=epoch, step=step, split=split, out_dir=self.dir)
+        self.sink.add_artifact("cka", str(path), meta)
+
+    def record_analysis(self) -> dict[str, Any]:
+        """The end-of-run bundle. A failure here is reported in the summary; the trained models stay."""
+        try:
+            models: dict[str, nn.Module] = {"teacher": self.freeze_teacher()}
+            checkpoints = {"teacher": "teacher.safetensors"}
+            for phase in self.phases:
+                if phase.name != "teacher":
+                    model = self.new_model(phase.model_config.arch)
+                    load_weights(model, self.dir / f"{phase.name}_best.safetensors")
+                    models[phase.name] = model.eval()
+                    checkpoints[phase.name] = f"{phase.name}_best.safetensors"
+            d = self.data
+            idx = analysis_subset(len(d.test_y), self.config.analysis.samples, self.config.seed).to(self.device)
+            x = d.test_x[idx]
+            path, meta = build_analysis(models, checkpoints, x, d.test_y[idx], d.denormalize(x), idx, d.class_names, self.analysis_settings(), self.dir)
+        except Exception as exc:  # noqa: BLE001 - the run's training results must survive an analysis bug
+            import traceback
+
+            traceback.print_exc()
+            return {"analysis_error": f"{exc.__class__.__name__}: {exc}"}
+        self.sink.add_artifact("analysis", str(path), meta)
+        return {}
 
     # ---- checkpoint / resume
 

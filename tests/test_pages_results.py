@@ -30,6 +30,7 @@ def _config(seed: int, temperature: float) -> dict:
         "student": {"arch": "cnn_tiny", "epochs": 1, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.003}},
         "recipe": [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": temperature}}],
         "baseline": True,
+        "analysis": {"enabled": False},
     }
 
 

@@ -110,6 +110,7 @@ def tiny_config(name: str, **over: Any) -> ExperimentConfig:
         "student": {"arch": "cnn_tiny", "epochs": 1, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.003}},
         "recipe": [{"loss": "ce", "weight": 0.5}, {"loss": "kd", "weight": 0.5, "params": {"temperature": 4}}],
         "baseline": False,
+        "analysis": {"enabled": False},
         "checkpoint_every_s": 1,
     }
     data.update(over)

@@ -32,6 +32,7 @@ def recipe_config(loss: str, teacher: str, student: str) -> dict:
         "student": {"arch": student, "epochs": 1, "batch_size": 32},
         "recipe": [{"loss": "ce", "weight": 1.0}, {"loss": loss, "weight": 1.0, "warmup_epochs": 2}],
         "baseline": False,
+        "analysis": {"enabled": False},
     }
 
 

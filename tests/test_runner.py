@@ -46,6 +46,7 @@ def tiny_config(name: str, *, arch: str = "cnn_tiny", epochs: int = 2, batch_siz
                     "optimizer": optimizer or {"name": "adamw", "lr": 0.003}},
         "recipe": [{"loss": "ce", "weight": 0.5}, {"loss": "kd", "weight": 0.5, "params": {"temperature": 4}}],
         "baseline": False,
+        "analysis": {"enabled": False},
         "checkpoint_every_s": 1,
     })
 

@@ -25,6 +25,7 @@ TINY = {
     "student": {"arch": "cnn_tiny", "epochs": 3, "batch_size": 16},
     "recipe": [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4}}],
     "checkpoint_every_s": 1000,
+    "analysis": {"enabled": False},  # tested on its own below
 }
 
 
@@ -165,3 +166,32 @@ def test_teacher_caching_is_exact_when_valid(tmp_path: Path) -> None:
         run_experiment(validate_config(tiny(baseline=False, cache_teacher=cache)), sink, tmp_path / str(cache))
         results.append(sink.series("loss/kd", "student"))
     assert results[0] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
+
+
+def test_analysis_artifacts_are_recorded_during_and_after_training(sqlite_store: Store, tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    config = tiny(analysis={"enabled": True, "cka_checkpoints": 2, "samples": 120, "attribution_images": 3})
+    run_id, summary = run_in_store(sqlite_store, config, tmp_path)
+    assert "analysis_error" not in summary
+    cka = {Path(a.path).name: a.meta for a in sqlite_store.artifacts(run_id, "cka")}
+    # student has 3 epochs: checkpoints at epochs 1 and 3, for the KD student and for the baseline
+    assert set(cka) == {"cka_teacher_self.json", "cka_student_e1.json", "cka_student_e3.json", "cka_baseline_e1.json", "cka_baseline_e3.json"}
+    last = json.loads((tmp_path / f"run-{run_id}" / "cka_student_e3.json").read_text())
+    assert last["rows"] == ["stage1", "stage2", "stage3", "embedding"] and last["cols"] == ["stage1", "stage2", "embedding"]
+    assert all(-0.2 <= v <= 1.0001 for row in last["matrix"] for v in row)  # debiased CKA can dip slightly below 0
+    assert all(abs(last["self_model"][i][i] - 1) < 1e-6 for i in range(3))
+
+    (bundle,) = sqlite_store.artifacts(run_id, "analysis")
+    report = json.loads(Path(bundle.path).read_text())
+    tensors = load_file(bundle.meta["tensors"])
+    assert report["models"] == ["teacher", "student", "baseline"] and report["n"] == 120
+    counts = report["agreement"]["student"]
+    assert counts["both_right"] + counts["teacher_right_model_wrong"] + counts["teacher_wrong_model_right"] + counts["both_wrong"] == 120
+    assert tensors["student.embedding"].shape == (120, 16) and tensors["teacher.pca"].shape == (120, 2)
+    assert tensors["joint.student_pca"].shape == (120, 2) and tensors["attr.student.gradcam"].shape == (3, 8, 8)
+    # the accuracy in the bundle agrees with the predictions stored next to it
+    predicted = tensors["student.logits"].argmax(1)
+    assert report["accuracy"]["student"] == pytest.approx(100 * float((predicted == tensors["targets"]).float().mean()))
