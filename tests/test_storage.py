@@ -24,6 +24,7 @@ from sqlalchemy import inspect, text
 
 from storage import ArtifactRecord, RunRecord, RunSink, Store, default_db_url
 from storage.db import forget_migrations, run_migrations
+from storage.store import bucket_width
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,21 +276,38 @@ def test_metrics_frame_filters(store: Store) -> None:
     assert store.metrics_frame(run_id, keys=[]).empty
 
 
+def _pandas_buckets(grp: pd.DataFrame, width: int) -> pd.DataFrame:
+    """Buckets [k*width, (k+1)*width) of one phase by pandas (columns of Store.metric_buckets)."""
+    start = grp["step"] // width * width
+    agg = grp.groupby(start).agg(
+        step=("step", "min"), epoch=("epoch", "min"), value=("value", "mean"),
+        min=("value", "min"), max=("value", "max"), count=("value", "size"),
+        n_values=("value", "count"), time=("time", "min"),
+    )
+    return agg.rename_axis("start").reset_index()
+
+
 def _expected_buckets(series: pd.DataFrame, max_points: int) -> pd.DataFrame:
-    """The bucketing rule computed by pandas, to check the SQL against."""
+    """The bucketing rule computed by pandas, to check the SQL against: per phase, the smallest
+    power-of-two width giving at most max_points buckets aligned at step 0."""
     parts = []
     for phase, grp in series.groupby("phase", sort=True):
         lo, hi = int(grp["step"].min()), int(grp["step"].max())
-        width = (hi - lo) // max_points + 1
-        bucket = (grp["step"] - lo) // width
-        agg = grp.groupby(bucket).agg(
-            step=("step", "min"), epoch=("epoch", "min"), value=("value", "mean"),
-            min=("value", "min"), max=("value", "max"), count=("value", "size"),
-            time=("time", "min"),
-        )
+        width = 1
+        while hi // width - lo // width + 1 > max_points:
+            width *= 2
+        agg = _pandas_buckets(grp, width)
         agg.insert(0, "phase", phase)
         parts.append(agg)
     return pd.concat(parts).reset_index(drop=True)
+
+
+def _assert_same_buckets(got: pd.DataFrame, expected: pd.DataFrame, cols_exact=("step", "epoch", "count")) -> None:
+    assert len(got) == len(expected)
+    for col in cols_exact:
+        assert list(got[col]) == list(expected[col]), col
+    for col in ("value", "min", "max", "time"):
+        assert np.allclose(got[col], expected[col], rtol=1e-12, atol=1e-12), col
 
 
 def test_bucketed_matches_pandas(store: Store) -> None:
@@ -309,19 +327,91 @@ def test_bucketed_matches_pandas(store: Store) -> None:
         assert (got.phase == phase).sum() <= max_points
 
     expected = _expected_buckets(series, max_points)
-    assert len(got) == len(expected)
     assert list(got["phase"]) == list(expected["phase"])
-    for col in ("step", "epoch", "count"):
-        assert list(got[col]) == list(expected[col]), col
-    for col in ("value", "min", "max", "time"):
-        assert np.allclose(got[col], expected[col]), col
+    _assert_same_buckets(got, expected)
     assert (got["min"] <= got["value"] + 1e-9).all() and (got["value"] <= got["max"] + 1e-9).all()
+    # power-of-two buckets aligned at step 0: train spans steps 100..27097 -> width 64, one bucket per 64 steps
+    assert bucket_width(100, 27097, max_points) == 64
+    train_steps = got.loc[got.phase == "train", "step"].to_numpy()
+    assert list(train_steps // 64) == list(range(100 // 64, 27097 // 64 + 1))
 
     only_val = store.metric_series_bucketed(run_id, "loss", phase="val", max_points=100)
     assert set(only_val["phase"]) == {"val"} and int(only_val["count"].sum()) == 300
     exp_val = _expected_buckets(series[series.phase == "val"], 100)
     assert list(only_val["count"]) == list(exp_val["count"])
     assert np.allclose(only_val["value"], exp_val["value"])
+
+
+def test_bucket_width_is_smallest_aligned_power_of_two() -> None:
+    assert bucket_width(0, 1999, 2000) == 1
+    assert bucket_width(0, 2000, 2000) == 2
+    assert bucket_width(1, 2_000_000, 2000) == 1024  # 2,000,000 // 1024 + 1 = 1954 buckets
+    assert bucket_width(3, 6, 1) == 8  # [0, 4) and [4, 8) would be 2 buckets
+    assert bucket_width(5, 5, 1) == 1
+    assert bucket_width(-10, 10, 3) == 16  # floor alignment below zero: [-16, 0), [0, 16)
+    for lo, hi, mp in [(0, 10**6, 500), (123, 98765, 77), (7, 7000, 1), (-500, 500, 10)]:
+        w = bucket_width(lo, hi, mp)
+        assert w & (w - 1) == 0 and hi // w - lo // w + 1 <= mp
+        assert w == 1 or hi // (w // 2) - lo // (w // 2) + 1 > mp
+    with pytest.raises(ValueError, match="max_points"):
+        bucket_width(0, 10, 0)
+
+
+def test_metric_buckets_incremental_equals_from_scratch(store: Store) -> None:
+    """Complete buckets + a tail read with since_step, over several rounds of appends (the width doubles),
+    equal the buckets of the whole series; nothing dropped, the last bucket has the newest rows."""
+    run_id = store.create_run("live", {})
+    max_points = 50
+    cached = None  # (width, end, complete buckets)
+    step = 3
+    rng = random.Random(7)
+    for round_ in range(6):
+        n = rng.randint(40, 400)
+        rows = [{"phase": "train", "step": step + i, "epoch": (step + i) // 100, "key": "loss",
+                 "value": rng.uniform(-1, 1) if (step + i) % 37 else None, "time": 1e9 + step + i}
+                for i in range(n)]
+        rows += [{"phase": "train", "step": step + n - 1, "epoch": 0, "key": "loss", "value": 5.0, "time": 1e9}]
+        step += n
+        store.append_metrics(run_id, rows + _rows(5, key="other", start=step))
+        lo, hi = store.metric_step_range(run_id, "loss", "train")
+        assert (lo, hi) == (3, step - 1)
+        width = bucket_width(lo, hi, max_points)
+        if cached is not None and cached[0] < width:  # widen: merge pairs in pandas
+            old_w, old_end, frame = cached
+            end = old_end - old_end % width
+            frame = frame.assign(start=frame["start"] // width * width)
+            frame = frame.assign(_w=frame["value"].fillna(0) * frame["n_values"]).groupby("start").agg(
+                step=("step", "min"), epoch=("epoch", "min"), min=("min", "min"), max=("max", "max"),
+                count=("count", "sum"), n_values=("n_values", "sum"), _w=("_w", "sum"), time=("time", "min"),
+            ).reset_index()
+            frame["value"] = frame["_w"] / frame["n_values"]
+            cached = (width, end, frame[frame["start"] < end])
+        since = cached[1] if cached is not None else None
+        tail = store.metric_buckets(run_id, "loss", "train", width, since_step=since)
+        assert list(tail.columns) == ["start", "step", "epoch", "value", "min", "max", "count", "n_values", "time"]
+        if since is not None:
+            assert tail["start"].min() >= since
+        full = tail if cached is None else pd.concat([cached[2], tail], ignore_index=True)
+        series = store.metric_series(run_id, "loss", "train")
+        expected = _pandas_buckets(series, width)
+        assert list(full["start"]) == list(expected["start"])
+        _assert_same_buckets(full, expected)
+        assert list(full["n_values"]) == list(expected["n_values"])
+        assert int(full["count"].sum()) == len(series)
+        assert len(full) <= max_points
+        assert full["max"].iloc[-1] == 5.0 and int(full["step"].iloc[-1]) <= step - 1  # newest rows are in
+        scratch = store.metric_series_bucketed(run_id, "loss", "train", max_points)
+        _assert_same_buckets(scratch, expected)
+        end = hi - hi % width  # buckets entirely below the last step are complete
+        cached = (width, end, full[full["start"] < end].reset_index(drop=True))
+    assert cached[0] > 1  # the width really changed over the rounds
+    # since_step inside a bucket is rounded down to its start; past the end: nothing
+    w = cached[0]
+    assert store.metric_buckets(run_id, "loss", "train", w, since_step=w * 3 + 1)["start"].iloc[0] == w * 3
+    assert store.metric_buckets(run_id, "loss", "train", w, since_step=step + 10 * w).empty
+    assert store.metric_buckets(run_id, "nope", "train", w).empty
+    with pytest.raises(ValueError, match="power of two"):
+        store.metric_buckets(run_id, "loss", "train", 3)
 
 
 def test_bucketed_small_series_is_unbucketed(store: Store) -> None:
