@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover
     def status_badge(s: str) -> str: return s  # noqa: E704
 
-ACTIVE = getattr(ui_state, "ACTIVE", metrics.ACTIVE)
+ACTIVE = ui_state.ACTIVE
 SKIP_IN_TABLE = ("name",)
 
 
@@ -172,7 +172,5 @@ def main() -> None:
     parcoords_section(chosen)
 
 
-_ensure_app = getattr(ui_state, "ensure_app", None)
-if _ensure_app is not None:  # a deep link on a fresh server: hand over to app.py (navigation, page config)
-    _ensure_app(__file__)
+ui_state.ensure_app(__file__)  # a deep link on a fresh server: hand over to app.py (navigation, page config)
 main()

@@ -164,7 +164,7 @@ with top[0]:
     st.selectbox("Start from a preset", preset_labels, key="nx_preset_choice",
                  help="Ready-made configs. Loading one replaces everything in the form.")
 with top[1]:
-    st.button("Load preset", on_click=_on_preset, use_container_width=True)
+    st.button("Load preset", on_click=_on_preset, width="stretch")
 
 with st.expander("Import a YAML config (the same file `python -m kd_core run` takes)"):
     st.file_uploader("Upload a .yaml file", type=["yaml", "yml"], key="nx_import_file")
@@ -364,7 +364,7 @@ c = st.columns([2, 1, 3], vertical_alignment="bottom")
 if ss.get("nx_new_loss") not in loss_names:
     ss["nx_new_loss"] = "kd" if "kd" in loss_names else loss_names[0]
 c[0].selectbox("Add a term", loss_names, key="nx_new_loss", format_func=lambda n: f"{n} — {forms.loss_line(n)}")
-c[1].button("Add term", on_click=_add_term, use_container_width=True)
+c[1].button("Add term", on_click=_add_term, width="stretch")
 
 # ---- extras
 st.subheader("Options")
@@ -400,16 +400,14 @@ if errors:
         f"- `{path}`: {msg.split(': ', 1)[1] if forms._PATH_PREFIX.match(msg) else msg}" for path, msgs in errors.items() for msg in msgs))
 
 c = st.columns([1, 1, 2], vertical_alignment="center")
-launch = c[0].button("🚀 Launch", type="primary", disabled=config is None, use_container_width=True,
+launch = c[0].button("🚀 Launch", type="primary", disabled=config is None, width="stretch",
                      help="Queue the run; it starts as soon as a worker slot is free." if config else "Fix the problems listed above first.")
 if config is not None:
     c[1].download_button("Export YAML", config.to_yaml(), file_name=f"{config.name.replace(' ', '_').replace('/', '_')}.yaml",
-                         mime="application/x-yaml", use_container_width=True, key="nx_export",
+                         mime="application/x-yaml", width="stretch", key="nx_export",
                          help="The same file `python -m kd_core run FILE` accepts.")
 else:
-    c[1].button("Export YAML", disabled=True, use_container_width=True, key="nx_export_disabled", help="Fix the problems first.")
-if runner() is None:
-    c[2].caption("⚠️ The background runner is not installed yet: a launched run is queued and starts when it is.")
+    c[1].button("Export YAML", disabled=True, width="stretch", key="nx_export_disabled", help="Fix the problems first.")
 with st.expander("Show the config as YAML"):
     st.code(config.to_yaml() if config is not None else yaml.safe_dump(config_dict, sort_keys=False), language="yaml")
 
@@ -418,12 +416,8 @@ if launch and config is not None:
     last = ss.get("_nx_last_launch")
     if last and last[0] == signature and time.time() - last[1] < 3:
         st.stop()  # a double click: the first click already launched it
-    module = runner()
     try:
-        if module is not None:
-            run_id = module.submit(store, config, parent_id=ss.get("_nx_parent"))
-        else:
-            run_id = store.create_run(config.name, config.model_dump(mode="json"), status="queued", parent_id=ss.get("_nx_parent"))
+        run_id = runner.submit(store, config, parent_id=ss.get("_nx_parent"))
     except Exception as exc:  # noqa: BLE001 - show why instead of a traceback
         st.error(f"Could not launch: {exc}")
         st.stop()

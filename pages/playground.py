@@ -309,7 +309,5 @@ def main() -> None:
     )
 
 
-_ensure_app = getattr(ui_state, "ensure_app", None)
-if _ensure_app is not None:  # a deep link on a fresh server: hand over to app.py (navigation, page config)
-    _ensure_app(__file__)
+ui_state.ensure_app(__file__)  # a deep link on a fresh server: hand over to app.py (navigation, page config)
 main()

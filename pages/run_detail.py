@@ -27,19 +27,8 @@ except ImportError:  # pragma: no cover
         return 1.0 if status == "completed" else None
 
 REFRESH_S = 2.0
-ACTIVE = getattr(ui_state, "ACTIVE", metrics.ACTIVE)
+ACTIVE = ui_state.ACTIVE
 RUN_DETAIL_PAGE = "pages/run_detail.py"
-
-
-def _runner():
-    fn = getattr(ui_state, "runner", None)
-    if fn is not None:
-        return fn()
-    try:
-        import kd_core.runner as module
-    except ImportError:
-        return None
-    return module
 
 
 def _label(run) -> str:
@@ -94,11 +83,11 @@ def header(store, run) -> None:
         + (f" · seed {cfg.get('seed')}" if "seed" in cfg else "")
     )
     cols = st.columns([2, 2, 2, 3])
-    rn = _runner()
+    rn = ui_state.runner
     with cols[0]:
         if run.status in ACTIVE:
             if st.button("⏹ Cancel run", help="Stops after saving a checkpoint; you can resume it later.",
-                         disabled=rn is None or run.status == "cancelling", key="rd_cancel"):
+                         disabled=run.status == "cancelling", key="rd_cancel"):
                 try:
                     rn.cancel(store, run.id)
                     st.toast(f"Cancelling run #{run.id}…")
@@ -106,8 +95,7 @@ def header(store, run) -> None:
                     st.error(f"Could not cancel: {exc}")
                 st.rerun()
         elif run.status in ("failed", "cancelled"):
-            if st.button("▶ Resume", help="Queue the run again; it continues from its last checkpoint.",
-                         disabled=rn is None, key="rd_resume"):
+            if st.button("▶ Resume", help="Queue the run again; it continues from its last checkpoint.", key="rd_resume"):
                 try:
                     rn.resume(store, run.id)
                     st.toast(f"Run #{run.id} queued again")
@@ -127,8 +115,6 @@ def header(store, run) -> None:
                 st.switch_page("pages/compare.py", query_params={"runs": str(run.id)})
             except Exception:  # noqa: BLE001
                 st.warning("The Compare page is not available here.")
-    if rn is None and run.status in ACTIVE | {"failed", "cancelled"}:
-        st.caption("Cancel / resume need the run manager (kd_core.runner), which is not installed here.")
 
 
 def progress_block(run) -> None:
@@ -152,15 +138,10 @@ def progress_block(run) -> None:
 
 
 def log_tail(store, run, lines: int = 200) -> str:
-    rn = _runner()
-    if rn is not None and hasattr(rn, "read_log"):
-        try:
-            return rn.read_log(store, run.id, tail_lines=lines) or ""
-        except Exception as exc:  # noqa: BLE001
-            return f"(could not read the log: {exc})"
-    if run.log_path and Path(run.log_path).is_file():
-        return "\n".join(Path(run.log_path).read_text(errors="replace").splitlines()[-lines:])
-    return ""
+    try:
+        return ui_state.runner.read_log(store, run.id, tail_lines=lines) or ""
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable log must not break the page
+        return f"(could not read the log: {exc})"
 
 
 def summary_block(run) -> None:
@@ -362,10 +343,8 @@ def main() -> None:
             st.warning(f"Run #{run.id} was deleted.")
             return
         if live:
-            reconcile = getattr(ui_state, "reconcile", None)
-            if reconcile is not None:
-                reconcile(store)
-                current = store.get_run(run.id)
+            ui_state.reconcile(store)
+            current = store.get_run(run.id)
         if current.status != first_status and (current.status not in ACTIVE) == live:
             st.rerun()  # started or finished: redraw the page (and stop or start the timer)
         body(store, current)
@@ -373,7 +352,5 @@ def main() -> None:
     live_body()
 
 
-_ensure_app = getattr(ui_state, "ensure_app", None)
-if _ensure_app is not None:  # a deep link on a fresh server: hand over to app.py (navigation, page config)
-    _ensure_app(__file__)
+ui_state.ensure_app(__file__)  # a deep link on a fresh server: hand over to app.py (navigation, page config)
 main()

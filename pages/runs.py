@@ -130,13 +130,6 @@ def _act(ids: list[int], verb: str, fn) -> None:
         flash(f"Could not {verb.lower()} " + "; ".join(failed), "error")
 
 
-def _need_runner():
-    module = runner()
-    if module is None:
-        flash("The background runner (kd_core.runner) is not installed yet, so runs cannot be started or stopped.", "error")
-    return module
-
-
 def _delete(ids: list[int]) -> None:
     notes = []
     for rid in ids:
@@ -236,47 +229,44 @@ def runs_view() -> None:
     st.markdown(f"**Selected:** {', '.join(f'#{i}' for i in ids)}")
     b = st.columns(8)
     one = len(ids) == 1
-    if b[0].button("Open", disabled=not one, use_container_width=True, help="Curves and results of this run"):
+    if b[0].button("Open", disabled=not one, width="stretch", help="Curves and results of this run"):
         _switch("pages/run_detail.py", run=str(ids[0]))
-    if b[1].button("Compare", disabled=len(ids) < 2, use_container_width=True, help="Overlay the selected runs"):
+    if b[1].button("Compare", disabled=len(ids) < 2, width="stretch", help="Overlay the selected runs"):
         _switch("pages/compare.py", runs=",".join(str(i) for i in sorted(ids)))
     can_cancel = [i for i, s in statuses.items() if s in ACTIVE and s != "cancelling"]
-    if b[2].button("Cancel", disabled=not can_cancel, use_container_width=True,
+    if b[2].button("Cancel", disabled=not can_cancel, width="stretch",
                    help="Stop the selected queued or running runs (they checkpoint first, so they can resume)"):
-        if (mod := _need_runner()) is not None:
-            _act(can_cancel, "Cancelled", lambda rid: mod.cancel(store, rid))
+        _act(can_cancel, "Cancelled", lambda rid: runner.cancel(store, rid))
         st.rerun()
     can_resume = [i for i, s in statuses.items() if s in ("failed", "cancelled")]
-    if b[3].button("Resume", disabled=not can_resume, use_container_width=True,
+    if b[3].button("Resume", disabled=not can_resume, width="stretch",
                    help="Continue failed or cancelled runs from their last checkpoint"):
-        if (mod := _need_runner()) is not None:
-            _act(can_resume, "Resumed", lambda rid: mod.resume(store, rid))
+        _act(can_resume, "Resumed", lambda rid: runner.resume(store, rid))
         st.rerun()
-    if b[4].button("Rerun as is", use_container_width=True, help="Start a new run with exactly the same config"):
-        if (mod := _need_runner()) is not None:
-            _act(ids, "Rerun", lambda rid: mod.rerun(store, rid))
+    if b[4].button("Rerun as is", width="stretch", help="Start a new run with exactly the same config"):
+        _act(ids, "Rerun", lambda rid: runner.rerun(store, rid))
         st.rerun()
-    if b[5].button("Edit and rerun", disabled=not one, use_container_width=True,
+    if b[5].button("Edit and rerun", disabled=not one, width="stretch",
                    help="Open this run's config in the New experiment form to change it before launching"):
         ss["prefill_config"] = dict(by_id[ids[0]].config)
         ss["prefill_parent_id"] = ids[0]
         _switch("pages/new_experiment.py")
     any_hidden = any(by_id[i].hidden for i in ids if i in by_id)
-    if b[6].button("Unhide" if any_hidden else "Hide", use_container_width=True,
+    if b[6].button("Unhide" if any_hidden else "Hide", width="stretch",
                    help="Hidden runs stay in the database but leave the default list (tick 'Show hidden' to see them)"):
         for rid in ids:
             store.update_run(rid, hidden=not any_hidden)
         flash(f"{'Unhid' if any_hidden else 'Hid'} {', '.join(f'#{i}' for i in ids)}.")
         st.rerun()
-    if b[7].button("Delete…", use_container_width=True, help="Remove the runs with their metrics and files (asks first)"):
+    if b[7].button("Delete…", width="stretch", help="Remove the runs with their metrics and files (asks first)"):
         ss["runs_confirm_delete"] = ids
 
     t = st.columns([3, 1, 1, 3], vertical_alignment="bottom")
     t[0].text_input("Tag", key="runs_tag", placeholder="e.g. baseline-sweep", label_visibility="collapsed")
-    if t[1].button("Add tag", use_container_width=True):
+    if t[1].button("Add tag", width="stretch"):
         _set_tags(ids, ss.get("runs_tag", ""), True, by_id)
         st.rerun()
-    if t[2].button("Remove tag", use_container_width=True):
+    if t[2].button("Remove tag", width="stretch"):
         _set_tags(ids, ss.get("runs_tag", ""), False, by_id)
         st.rerun()
 
@@ -288,11 +278,11 @@ def runs_view() -> None:
                        "This cannot be undone." + (f" Active runs ({', '.join(f'#{i}' for i in busy)}) are skipped: "
                                                    "cancel them first." if busy else ""))
             d = st.columns([1, 1, 4])
-            if d[0].button("Yes, delete", type="primary", use_container_width=True):
+            if d[0].button("Yes, delete", type="primary", width="stretch"):
                 ss.pop("runs_confirm_delete", None)
                 _delete(pending)
                 st.rerun()
-            if d[1].button("Keep them", use_container_width=True):
+            if d[1].button("Keep them", width="stretch"):
                 ss.pop("runs_confirm_delete", None)
                 st.rerun()
 

@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from kd_core.runner import ACTIVE_STATUSES as ACTIVE
 from storage.store import BUCKET_COLUMNS, BUCKETED_COLUMNS, bucket_width
 from ui import charts
 
-ACTIVE = frozenset({"queued", "starting", "running", "cancelling"})
 ROLES = ("teacher", "student", "baseline")
 MAX_POINTS = 2000
 EPOCH_PREFIXES = ("val/", "test/")

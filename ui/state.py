@@ -10,10 +10,11 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import streamlit as st
+
+from kd_core import runner
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,28 +94,15 @@ def masked_db_url(url: str) -> str:
         return "(unreadable database URL)"
 
 
-# --------------------------------------------------------------------------- runner (lazy)
+# --------------------------------------------------------------------------- runner
 
-
-def runner() -> ModuleType | None:
-    """``kd_core.runner`` if it is installed, else None (the pages still load and say so)."""
-    try:
-        import kd_core.runner as module
-    except ImportError:
-        return None
-    return module
-
-
-ACTIVE = frozenset({"queued", "starting", "running", "cancelling"})
+ACTIVE = runner.ACTIVE_STATUSES
 
 
 def reconcile(store) -> None:
     """Let the runner fix stale statuses and start queued runs; never break a page over it."""
-    module = runner()
-    if module is None:
-        return
     try:
-        module.reconcile(store)
+        runner.reconcile(store)
     except Exception as exc:  # noqa: BLE001 - a failing reconcile must not hide the table
         st.caption(f"⚠️ Could not refresh run statuses: {exc}")
 
