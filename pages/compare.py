@@ -14,10 +14,7 @@ import streamlit as st
 from ui import charts, metrics
 from ui import state as ui_state
 
-try:
-    from ui.badges import status_badge
-except ImportError:  # pragma: no cover
-    def status_badge(s: str) -> str: return s  # noqa: E704
+from ui.badges import status_badge
 
 ACTIVE = ui_state.ACTIVE
 SKIP_IN_TABLE = ("name",)

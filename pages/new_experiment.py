@@ -377,6 +377,18 @@ with c[1]:
 with c[2]:
     st.number_input("Checkpoint every (s)", key=f"{P}ckpt_s", min_value=1.0, step=30.0, format="%g", help=HELP["ckpt"])
     show_errors(errors, "checkpoint_every_s")
+c = st.columns([2, 1, 1, 1, 2])
+c[0].checkbox("Compute the analysis views", key=f"{P}an_enabled", help=HELP["analysis"])
+off = not ss.get(f"{P}an_enabled", True)
+c[1].number_input("CKA checkpoints", key=f"{P}an_cka", min_value=0, step=1, disabled=off,
+                  help="Epochs (evenly spaced, last included) at which teacher-vs-student CKA is computed.")
+c[2].number_input("Analysis images", key=f"{P}an_samples", min_value=20, step=100, disabled=off,
+                  help="Held-out images used for CKA, prototypes and the 2-D maps.")
+c[3].number_input("Attribution images", key=f"{P}an_attr", min_value=0, step=4, disabled=off,
+                  help="Images whose attribution maps (which pixels mattered) are computed for every model.")
+c[4].multiselect("2-D maps", ["pca", "tsne", "umap"], key=f"{P}an_proj", disabled=off, help=HELP["projections"])
+for path in ("analysis.cka_checkpoints", "analysis.samples", "analysis.attribution_images", "analysis.projections"):
+    show_errors(errors, path)
 
 # --------------------------------------------------------------------------- (4) summary and launch
 

@@ -16,15 +16,7 @@ import yaml
 
 from ui import charts, metrics
 from ui import state as ui_state
-
-try:  # shared badges (written alongside); tiny fallbacks keep this page standalone
-    from ui.badges import duration_text, progress_fraction, recipe_text, status_badge
-except ImportError:  # pragma: no cover
-    def status_badge(s: str) -> str: return s  # noqa: E704
-    def recipe_text(r) -> str: return str(r)  # noqa: E704
-    def duration_text(s) -> str: return "" if s is None else f"{int(s)}s"  # noqa: E704
-    def progress_fraction(status, p):  # noqa: E704
-        return 1.0 if status == "completed" else None
+from ui.badges import duration_text, progress_fraction, recipe_text, status_badge
 
 REFRESH_S = 2.0
 ACTIVE = ui_state.ACTIVE
@@ -32,7 +24,7 @@ RUN_DETAIL_PAGE = "pages/run_detail.py"
 
 
 def _label(run) -> str:
-    return f"#{run.id} {run.name} — {status_badge(run.status)}"
+    return f"#{run.id} {run.name}"  # status is shown live below; a keyed selectbox would keep a stale one
 
 
 def pick_run(store):

@@ -43,6 +43,9 @@ HELP = {
     "device": "Where to train: auto uses the GPU when there is one, else the CPU.",
     "baseline": "Also train the same student with plain cross-entropy (no teacher), same seed, so you can see "
     "what distillation adds (the 'KD gain').",
+    "analysis": "Store what the Analysis page shows: CKA between teacher and student layers at a few epochs, and at the end "
+                "class prototypes, 2-D maps of the embeddings and attribution maps. Costs seconds to a minute on a CPU.",
+    "projections": "2-D maps of the embeddings. PCA is instant; t-SNE and UMAP show clusters better but take tens of seconds.",
     "cache_teacher": "Compute the teacher's outputs once and reuse them when nothing (like augmentation) changes them. "
     "Faster; off only for debugging.",
     "ckpt": "Besides every epoch, also save a checkpoint this often (seconds), so a cancelled or crashed run can resume "
@@ -174,11 +177,12 @@ _ids = itertools.count(1)
 
 
 def _defaults() -> dict[str, Any]:
-    from kd_core.config import DatasetConfig, ExperimentConfig, OptimizerConfig, SchedulerConfig
+    from kd_core.config import AnalysisConfig, DatasetConfig, ExperimentConfig, OptimizerConfig, SchedulerConfig
 
     top = {k: f.default for k, f in ExperimentConfig.model_fields.items() if k in ("name", "seed", "device", "baseline", "cache_teacher", "checkpoint_every_s")}
     return {
         **top,
+        "analysis": AnalysisConfig().model_dump(),
         "dataset": DatasetConfig().model_dump(),
         "optimizer": OptimizerConfig().model_dump(),
         "scheduler": SchedulerConfig().model_dump(),
@@ -222,7 +226,8 @@ def config_to_state(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str
     """Widget values for ``config`` (defaults filled in) and a list of fields the form had to ignore."""
     config = dict(config or {})
     d = _defaults()
-    known_top = {"name", "seed", "device", "dataset", "teacher", "student", "recipe", "baseline", "cache_teacher", "checkpoint_every_s"}
+    known_top = {"name", "seed", "device", "dataset", "teacher", "student", "recipe", "baseline", "cache_teacher", "checkpoint_every_s", "analysis"}
+    analysis = {**d["analysis"], **(config.get("analysis") or {})}
     ignored = [k for k in config if k not in known_top]
     ds = {**d["dataset"], **(config.get("dataset") or {})}
     teacher = dict(config.get("teacher") or {})
@@ -234,6 +239,11 @@ def config_to_state(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str
         f"{P}baseline": bool(config.get("baseline", d["baseline"])),
         f"{P}cache_teacher": bool(config.get("cache_teacher", d["cache_teacher"])),
         f"{P}ckpt_s": float(config.get("checkpoint_every_s", d["checkpoint_every_s"])),
+        f"{P}an_enabled": bool(analysis["enabled"]),
+        f"{P}an_cka": int(analysis["cka_checkpoints"]),
+        f"{P}an_samples": int(analysis["samples"]),
+        f"{P}an_attr": int(analysis["attribution_images"]),
+        f"{P}an_proj": list(analysis["projections"]),
         f"{P}ds_name": ds["name"],
         f"{P}ds_root": str(ds["root"]),
         f"{P}ds_val": float(ds["val_fraction"]),
@@ -405,6 +415,13 @@ def state_to_config(s: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[st
         "baseline": g("baseline", d["baseline"]),
         "cache_teacher": g("cache_teacher", d["cache_teacher"]),
         "checkpoint_every_s": g("ckpt_s", d["checkpoint_every_s"]),
+        "analysis": {
+            "enabled": g("an_enabled", d["analysis"]["enabled"]),
+            "cka_checkpoints": g("an_cka", d["analysis"]["cka_checkpoints"]),
+            "samples": g("an_samples", d["analysis"]["samples"]),
+            "attribution_images": g("an_attr", d["analysis"]["attribution_images"]),
+            "projections": g("an_proj", d["analysis"]["projections"]),
+        },
     }
     return config, problems
 

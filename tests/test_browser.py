@@ -1,0 +1,130 @@
+"""A real browser (Debian's chromium driven by Playwright) against a real `streamlit run app.py`.
+
+Fills the New experiment form for a short mnist5k run, launches it, watches it reach `completed` on the
+run page, checks the accuracy chart and the summary, and saves a screenshot of every page under
+test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic", "--no-first-run"]
+SHOTS = Path("test-artifacts/screenshots")
+
+pytestmark = pytest.mark.browser
+
+
+def require_chromium() -> None:
+    if not Path(CHROMIUM).exists():
+        message = f"Debian's chromium is not installed at {CHROMIUM}: `apt-get install chromium` (CI installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory):
+    require_chromium()
+    home = tmp_path_factory.mktemp("browser")
+    env = {
+        **os.environ,
+        "DISTILLERY_DB_URL": f"sqlite:///{home / 'distillery.db'}",
+        "DISTILLERY_ARTIFACTS": str(home / "artifacts"),
+        "DISTILLERY_SLOTS": "1",
+    }
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("the dashboard did not answer /_stcore/health within 60 s")
+    yield url, env
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=20)
+    stop_workers(env)
+
+
+def stop_workers(env: dict[str, str]) -> None:
+    """Workers are detached from the server by design; cancel any that a failed test left running."""
+    from kd_core import runner
+    from storage import Store
+
+    store = Store(env["DISTILLERY_DB_URL"])
+    for run in store.list_runs(status=sorted(runner.ACTIVE_STATUSES), include_hidden=True):
+        runner.cancel(store, run.id)
+    store.dispose()
+
+
+def set_number(page, label: str, value: str, nth: int = 0) -> None:
+    box = page.get_by_label(label, exact=True).nth(nth)
+    box.fill(value)
+    box.press("Enter")
+    page.wait_for_timeout(400)  # let Streamlit rerun with the new value
+
+
+def test_launch_from_the_form_and_watch_the_run_complete(app_url) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = app_url
+    expect.set_options(timeout=60_000)  # a fresh server's first page imports torch
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.set_default_timeout(60_000)
+
+        page.goto(f"{url}/new_experiment")
+        expect(page.get_by_text("Start from a preset")).to_be_visible()
+        page.get_by_role("button", name="Load preset").click()  # the default preset: MNIST-5k KD in one minute
+        page.wait_for_timeout(1000)
+        set_number(page, "Subset (max training images)", "600")
+        set_number(page, "Epochs", "1", nth=0)  # teacher
+        set_number(page, "Epochs", "2", nth=1)  # student
+        page.screenshot(path=str(SHOTS / "new_experiment.png"))
+        launch = page.get_by_role("button", name="🚀 Launch")
+        expect(launch).to_be_enabled()
+        launch.click()
+
+        page.wait_for_url("**/run_detail**", timeout=60_000)
+        expect(page.get_by_text("completed", exact=False).first).to_be_visible(timeout=240_000)
+        expect(page.get_by_text("KD gain").first).to_be_visible()
+        # the page redraws once when the run finishes; then exactly one set of tabs remains
+        expect(page.get_by_role("tab", name="Accuracy")).to_have_count(1, timeout=30_000)
+        page.get_by_role("tab", name="Accuracy").click()
+        expect(page.locator(".js-plotly-plot >> visible=true").first).to_be_visible()
+        page.screenshot(path=str(SHOTS / "run_detail.png"))
+
+        for name, path in (("runs", "/"), ("compare", "/compare?runs=1"), ("playground", "/playground"), ("analysis", "/analysis?run=1")):
+            page.goto(url + path)
+            page.wait_for_timeout(2500)
+            expect(page.locator("[data-testid='stException']")).to_have_count(0)
+            page.screenshot(path=str(SHOTS / f"{name}.png"))
+        browser.close()
