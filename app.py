@@ -17,6 +17,7 @@ PAGES = [
     ("pages/new_experiment.py", "New experiment", "🧪", False),
     ("pages/runs.py", "Runs", "📋", True),
     ("pages/run_detail.py", "Run detail", "📈", False),
+    ("pages/analysis.py", "Analysis", "🔬", False),
     ("pages/compare.py", "Compare", "⚖️", False),
     ("pages/playground.py", "Playground", "🎛️", False),
 ]

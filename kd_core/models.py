@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 
@@ -315,6 +314,8 @@ def _replace_conv_in(conv: nn.Conv2d, in_channels: int, small: bool) -> nn.Conv2
 
 def _tv_resnet(arch: str):
     def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        import torchvision  # imported when used: it adds seconds to every worker's start
+
         model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         small = image_size < 64
         model.conv1 = _replace_conv_in(model.conv1, in_channels, small)
@@ -329,28 +330,29 @@ for _arch in ("resnet18", "resnet34", "resnet50"):
     _register(_arch, "torchvision", f"torchvision {_arch}, stem adapted to the input")(_tv_resnet(_arch))
 
 
-@_register("mobilenet_v2", "torchvision", "torchvision MobileNetV2 (Sandler et al. 2018)")
-def _mobilenet_v2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
-    stem = model.features[0][0]
-    model.features[0][0] = _replace_conv_in(stem, in_channels, False) if image_size >= 64 else nn.Conv2d(
-        in_channels, stem.out_channels, 3, 1, 1, bias=False
-    )
-    return _with_spec(model, ["features.3", "features.6", "features.13", "features.18"], "classifier.1")
+def _tv_mobilenet(arch: str, stages: list[str], classifier: str):
+    def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        import torchvision
+
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        model.features[0][0] = _replace_conv_in(model.features[0][0], in_channels, image_size < 64)
+        return _with_spec(model, stages, classifier)
+
+    return build
 
 
-@_register("mobilenet_v3_small", "torchvision", "torchvision MobileNetV3-Small (Howard et al. 2019)")
-def _mobilenet_v3_small(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=num_classes)
-    stem = model.features[0][0]
-    model.features[0][0] = _replace_conv_in(stem, in_channels, False) if image_size >= 64 else nn.Conv2d(
-        in_channels, stem.out_channels, 3, 1, 1, bias=False
-    )
-    return _with_spec(model, ["features.1", "features.3", "features.8", "features.12"], "classifier.3")
+_register("mobilenet_v2", "torchvision", "torchvision MobileNetV2 (Sandler et al. 2018)")(
+    _tv_mobilenet("mobilenet_v2", ["features.3", "features.6", "features.13", "features.18"], "classifier.1")
+)
+_register("mobilenet_v3_small", "torchvision", "torchvision MobileNetV3-Small (Howard et al. 2019)")(
+    _tv_mobilenet("mobilenet_v3_small", ["features.1", "features.3", "features.8", "features.12"], "classifier.3")
+)
 
 
 @_register("shufflenet_v2_x1_0", "torchvision", "torchvision ShuffleNetV2 1.0× (Ma et al. 2018)")
 def _shufflenet_v2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    import torchvision
+
     model = torchvision.models.shufflenet_v2_x1_0(weights=None, num_classes=num_classes)
     stem = model.conv1[0]
     model.conv1[0] = _replace_conv_in(stem, in_channels, image_size < 64)

@@ -90,6 +90,13 @@ def set_number(page, label: str, value: str, nth: int = 0) -> None:
     page.wait_for_timeout(400)  # let Streamlit rerun with the new value
 
 
+def settle(page) -> None:
+    """Wait until Streamlit has finished running the page script (its status widget goes away)."""
+    page.wait_for_timeout(500)
+    page.get_by_test_id("stStatusWidget").wait_for(state="detached", timeout=90_000)
+    page.wait_for_timeout(1000)  # plotly draws after the script ends
+
+
 def test_launch_from_the_form_and_watch_the_run_complete(app_url) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -108,13 +115,15 @@ def test_launch_from_the_form_and_watch_the_run_complete(app_url) -> None:
         set_number(page, "Subset (max training images)", "600")
         set_number(page, "Epochs", "1", nth=0)  # teacher
         set_number(page, "Epochs", "2", nth=1)  # student
+        set_number(page, "Analysis images", "100")  # t-SNE of 100 points takes a second or two
+        settle(page)
         page.screenshot(path=str(SHOTS / "new_experiment.png"))
         launch = page.get_by_role("button", name="🚀 Launch")
         expect(launch).to_be_enabled()
         launch.click()
 
         page.wait_for_url("**/run_detail**", timeout=60_000)
-        expect(page.get_by_text("completed", exact=False).first).to_be_visible(timeout=240_000)
+        expect(page.get_by_text("completed", exact=False).first).to_be_visible(timeout=420_000)
         expect(page.get_by_text("KD gain").first).to_be_visible()
         # the page redraws once when the run finishes; then exactly one set of tabs remains
         expect(page.get_by_role("tab", name="Accuracy")).to_have_count(1, timeout=30_000)
@@ -124,7 +133,7 @@ def test_launch_from_the_form_and_watch_the_run_complete(app_url) -> None:
 
         for name, path in (("runs", "/"), ("compare", "/compare?runs=1"), ("playground", "/playground"), ("analysis", "/analysis?run=1")):
             page.goto(url + path)
-            page.wait_for_timeout(2500)
+            settle(page)
             expect(page.locator("[data-testid='stException']")).to_have_count(0)
             page.screenshot(path=str(SHOTS / f"{name}.png"))
         browser.close()

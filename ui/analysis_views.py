@@ -37,6 +37,20 @@ CLASS_PALETTE: tuple[str, ...] = (
 )
 
 
+def _rgb_scale(hexes: Sequence[str]) -> list[list]:
+    """A colorscale with rgb() stops (the dashboard's Plotly front end mis-draws some 7-digit hex stops near 0)."""
+    out = []
+    for i, h in enumerate(hexes):
+        c = h.lstrip("#")
+        out.append([i / (len(hexes) - 1), f"rgb({int(c[0:2], 16)},{int(c[2:4], 16)},{int(c[4:6], 16)})"])
+    return out
+
+
+# matplotlib's "inferno": black = no attribution, yellow = strongest
+ATTR_SCALE = _rgb_scale(("#000004", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446", "#ed6925", "#fb9b06",
+                         "#f7d13d", "#fcffa4"))
+
+
 def class_color(c: int) -> str:
     return CLASS_PALETTE[int(c) % len(CLASS_PALETTE)]
 
@@ -208,7 +222,7 @@ def prototype_cosine_figure(matrix: Sequence[Sequence[float]], class_names: Sequ
     """Cosine similarity between class prototypes (C×C); ``diff``: a difference matrix on a red/blue scale."""
     m = np.asarray(matrix, dtype=float)
     names = [str(c) for c in class_names]
-    small = len(names) <= 12
+    small = len(names) <= 8  # numbers in the cells only while they fit; hover always gives them
     if diff:
         lim = max(0.05, float(np.nanmax(np.abs(m))) if m.size else 1.0)
         kw = {"colorscale": "RdBu_r", "zmin": -lim, "zmax": lim, "zmid": 0}
@@ -268,7 +282,7 @@ def _prototype_trace(fig: go.Figure, protos: np.ndarray, class_names: Sequence[s
         x=protos[:, 0], y=protos[:, 1], mode="markers+text", name=f"{model_label(model)} prototypes",
         text=[str(class_names[c]) for c in range(n)], textposition="middle center",
         textfont={"size": 13, "color": "white"},
-        marker={"size": 30, "symbol": symbol, "color": [class_color(c) for c in range(n)],
+        marker={"size": 26, "symbol": symbol, "color": [class_color(c) for c in range(n)],
                 "line": {"width": 3, "color": role_color(model)}},
         customdata=np.full(n, -1), showlegend=showlegend,
         hovertemplate=f"{model_label(model)} prototype of class %{{text}}<extra></extra>",
@@ -293,7 +307,7 @@ def embedding_figure(points: np.ndarray, prototypes: np.ndarray | None, targets:
     style(fig, title, subtitle, height=height)
     fig.update_layout(dragmode="lasso", legend={"title": {"text": "class"}, "itemsizing": "constant"})
     fig.update_xaxes(showticklabels=False, title_text="")
-    fig.update_yaxes(showticklabels=False, title_text="", scaleanchor="x", scaleratio=1)
+    fig.update_yaxes(showticklabels=False, title_text="")
     return fig
 
 
@@ -333,7 +347,7 @@ def joint_figure(teacher_pts: np.ndarray, model_pts: np.ndarray, targets: np.nda
     style(fig, title, subtitle, height=height)
     fig.update_layout(dragmode="lasso", legend={"title": {"text": "class"}, "itemsizing": "constant"})
     fig.update_xaxes(showticklabels=False, title_text="teacher PC 1")
-    fig.update_yaxes(showticklabels=False, title_text="teacher PC 2", scaleanchor="x", scaleratio=1)
+    fig.update_yaxes(showticklabels=False, title_text="teacher PC 2")
     return fig
 
 
@@ -428,10 +442,12 @@ def attribution_grid(image: np.ndarray, maps: Mapping[str, Mapping[str, np.ndarr
             t = model_label(m)
             sc = (scores or {}).get(method, {}).get(m)
             if sc is not None and m != "teacher":
-                t += f"<br><span style='font-size:13px'>ρ {sc[0]:+.2f} · IoU {sc[1]:.2f}</span>"
+                t += f"<br><span style='font-size:13px'>ρ {sc[0]:+.2f}<br>IoU {sc[1]:.2f}</span>"
             titles.append(t)
+    gap_px = 75  # room for the three-line column titles of the next row
+    spacing = min(gap_px / (row_height * max(1, len(methods))), 0.9 / max(1, len(methods) - 1))
     fig = make_subplots(rows=len(methods), cols=cols, subplot_titles=titles, horizontal_spacing=0.03,
-                        vertical_spacing=min(0.12, 0.3 / max(1, len(methods))))
+                        vertical_spacing=spacing if len(methods) > 1 else 0.0)
     for r, method in enumerate(methods, start=1):
         fig.add_trace(_image_trace(image), row=r, col=1)
         group = normalize_group({m: maps[method][m] for m in models if m in maps.get(method, {})}, mode)
@@ -440,7 +456,7 @@ def attribution_grid(image: np.ndarray, maps: Mapping[str, Mapping[str, np.ndarr
             if m not in group:
                 continue
             fig.add_trace(go.Heatmap(
-                z=group[m], zmin=-1 if signed else 0, zmax=1, colorscale="RdBu_r" if signed else "Inferno",
+                z=group[m], zmin=-1 if signed else 0, zmax=1, colorscale="RdBu_r" if signed else ATTR_SCALE,
                 showscale=(r == 1 and c == cols), colorbar={"thickness": 10, "len": 0.8, "title": "attr."},
                 hovertemplate=f"{model_label(m)} {method_label(method)}<br>x %{{x}}, y %{{y}}<br>%{{z:.2f}}<extra></extra>",
             ), row=r, col=c)
@@ -451,9 +467,10 @@ def attribution_grid(image: np.ndarray, maps: Mapping[str, Mapping[str, np.ndarr
             idx = (r - 1) * cols + c
             fig.update_yaxes(scaleanchor=f"x{idx if idx > 1 else ''}", row=r, col=c)
     fig.update_annotations(font_size=14)
-    fig.update_layout(template="plotly_white", font={"size": FONT_SIZE}, height=60 + row_height * len(methods),
-                      margin={"l": 10, "r": 10, "t": 60 if title else 45, "b": 10},
-                      title={"text": title, "x": 0, "font": {"size": 16}} if title else None)
+    fig.update_layout(template="plotly_white", font={"size": FONT_SIZE}, height=(125 if title else 80) + (row_height + gap_px) * len(methods),
+                      margin={"l": 10, "r": 10, "t": 125 if title else 80, "b": 10},
+                      title={"text": title, "x": 0, "y": 1, "yanchor": "top", "yref": "container", "pad": {"t": 8},
+                             "font": {"size": 16}} if title else None)
     return fig
 
 
@@ -468,6 +485,21 @@ def attribution_summary(attr: Mapping[str, Any]) -> pd.DataFrame:
                          "spearman": float(np.nanmean(sp)) if sp.size else np.nan,
                          "iou": float(np.nanmean(iou)) if iou.size else np.nan, "images": int(max(sp.size, iou.size))})
     return pd.DataFrame(rows, columns=["model", "method", "spearman", "iou", "images"])
+
+
+def attribution_summary_wide(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per method; columns "<Model> ρ" and "<Model> IoU" (student, then baseline)."""
+    if summary.empty:
+        return pd.DataFrame()
+    out = pd.DataFrame({"method": [method_label(m) for m in dict.fromkeys(summary["method"])]})
+    for model in ("student", "baseline"):
+        d = summary[summary["model"] == model].set_index("method")
+        if d.empty:
+            continue
+        order = list(dict.fromkeys(summary["method"]))
+        out[f"{model_label(model)} ρ"] = [d["spearman"].get(m, np.nan) for m in order]
+        out[f"{model_label(model)} IoU"] = [d["iou"].get(m, np.nan) for m in order]
+    return out
 
 
 def attribution_summary_figure(summary: pd.DataFrame, iou_random: float | None, k: float | None, *,
@@ -527,7 +559,8 @@ def agreement_table(agreement: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def reliability_figure(calib: Mapping[str, Mapping[str, Any]], *, title: str, height: int = 460) -> go.Figure:
+def reliability_figure(calib: Mapping[str, Mapping[str, Any]], *, title: str, height: int = 460,
+                       compact: bool = False) -> go.Figure:
     """Reliability diagram: accuracy vs confidence per (non-empty) bin, the diagonal = perfectly calibrated."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
@@ -548,7 +581,7 @@ def reliability_figure(calib: Mapping[str, Mapping[str, Any]], *, title: str, he
             customdata=counts[keep],
             hovertemplate=f"{role_label(model)}<br>confidence %{{x:.2f}}<br>accuracy %{{y:.2f}}<br>%{{customdata:.0f}} images<extra></extra>",
         ))
-    style(fig, title, "dot size = images in the confidence bin; below the diagonal = over-confident", height=height,
+    style(fig, title, "dot size = images in the confidence bin;" + ("<br>" if compact else " ") + "below the diagonal = over-confident", height=height,
           x_title="confidence (top-1 probability)", y_title="accuracy")
     fig.update_xaxes(range=[0, 1.02])
     fig.update_yaxes(range=[0, 1.02])
