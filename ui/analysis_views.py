@@ -467,7 +467,7 @@ def attribution_grid(image: np.ndarray, maps: Mapping[str, Mapping[str, np.ndarr
             idx = (r - 1) * cols + c
             fig.update_yaxes(scaleanchor=f"x{idx if idx > 1 else ''}", row=r, col=c)
     fig.update_annotations(font_size=14)
-    fig.update_layout(template="plotly_white", font={"size": FONT_SIZE}, height=(125 if title else 80) + (row_height + gap_px) * len(methods),
+    fig.update_layout(paper_bgcolor="white", plot_bgcolor="white", font={"size": FONT_SIZE}, height=(125 if title else 80) + (row_height + gap_px) * len(methods),
                       margin={"l": 10, "r": 10, "t": 125 if title else 80, "b": 10},
                       title={"text": title, "x": 0, "y": 1, "yanchor": "top", "yref": "container", "pad": {"t": 8},
                              "font": {"size": 16}} if title else None)

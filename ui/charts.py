@@ -67,6 +67,9 @@ def plotly_config(filename: str) -> dict:
     }
 
 
+GRID_COLOR = "#e5e5e5"
+
+
 def style(fig: go.Figure, title: str | None = None, subtitle: str | None = None, height: int = 420,
           x_title: str | None = None, y_title: str | None = None) -> go.Figure:
     """Readable defaults: big fonts, white background, legend on top, a subtitle line under the title."""
@@ -74,7 +77,10 @@ def style(fig: go.Figure, title: str | None = None, subtitle: str | None = None,
     if subtitle:
         text = f"{text}<br><span style='font-size:14px;color:#555'>{subtitle}</span>"
     fig.update_layout(
-        template="plotly_white",
+        # explicit colours, not template="plotly_white": plotly validates a named template on every
+        # figure (~75 ms each), and Streamlit's theme restyles the chart in the page anyway
+        paper_bgcolor="white",
+        plot_bgcolor="white",
         font={"size": FONT_SIZE},
         title={"text": text, "font": {"size": TITLE_SIZE}, "x": 0, "xanchor": "left"} if text else None,
         height=height,
@@ -83,10 +89,8 @@ def style(fig: go.Figure, title: str | None = None, subtitle: str | None = None,
         legend={"orientation": "h", "yanchor": "top", "y": -0.3, "xanchor": "left", "x": 0, "font": {"size": FONT_SIZE}},
         hoverlabel={"font": {"size": FONT_SIZE}},
     )
-    if x_title is not None:
-        fig.update_xaxes(title_text=x_title)
-    if y_title is not None:
-        fig.update_yaxes(title_text=y_title)
+    fig.update_xaxes(gridcolor=GRID_COLOR, zerolinecolor=GRID_COLOR, **({"title_text": x_title} if x_title is not None else {}))
+    fig.update_yaxes(gridcolor=GRID_COLOR, zerolinecolor=GRID_COLOR, **({"title_text": y_title} if y_title is not None else {}))
     return fig
 
 
