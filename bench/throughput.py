@@ -11,11 +11,14 @@ kd_core figures come from the timestamps of its own per-step metric rows (evalua
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 import torch.nn.functional as F
 
 from kd_core.config import validate_config
