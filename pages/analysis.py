@@ -23,12 +23,9 @@ from ui import analysis_views as av
 from ui import charts, metrics
 from ui import state as ui_state
 
-try:
-    from ui.badges import status_badge
-except ImportError:  # pragma: no cover
-    def status_badge(s: str) -> str: return s  # noqa: E704
+from ui.badges import status_badge
 
-ACTIVE = getattr(ui_state, "ACTIVE", metrics.ACTIVE)
+ACTIVE = ui_state.ACTIVE
 TABS = ("🧠 Layer similarity (CKA)", "📍 Prototypes & embeddings", "🔥 Attribution maps",
         "🎯 Agreement & calibration", "🔎 Disagreement explorer")
 EXPLORER_TAB = TABS[4]
@@ -769,7 +766,5 @@ def main() -> None:
             _side_by_side(datas, render)
 
 
-_ensure_app = getattr(ui_state, "ensure_app", None)
-if _ensure_app is not None:  # a deep link on a fresh server: hand over to app.py (navigation, page config)
-    _ensure_app(__file__)
+ui_state.ensure_app(__file__)  # a deep link on a fresh server: hand over to app.py (navigation, page config)
 main()
