@@ -24,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kd_core.settings import artifacts_root, run_dir
 
@@ -98,18 +98,23 @@ class Executor(ABC):
 # --------------------------------------------------------------------------- configuration
 
 
-def configured_slots(default: int) -> int:
-    """``DISTILLERY_SLOTS`` when set (a positive integer), else ``default``."""
-    raw = os.environ.get("DISTILLERY_SLOTS", "").strip()
+def positive_env(name: str, default: float, cast: type[int] | type[float], meaning: str) -> Any:
+    """Environment variable ``name`` as a positive ``cast`` value, else ``default``; a bad value says so."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError:
-        raise ValueError(f"DISTILLERY_SLOTS must be a positive integer (runs at once), got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"DISTILLERY_SLOTS must be at least 1, got {value}")
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive {cast.__name__} ({meaning}), got {raw!r}")
     return value
+
+
+def configured_slots(default: int) -> int:
+    """``DISTILLERY_SLOTS`` when set, else ``default``."""
+    return positive_env("DISTILLERY_SLOTS", default, int, "runs trained at once")
 
 
 def visible_gpus() -> int:

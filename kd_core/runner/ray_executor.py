@@ -21,6 +21,7 @@ from kd_core.runner.base import (
     Executor,
     Probe,
     configured_slots,
+    positive_env,
     log_path_for,
     worker_env,
 )
@@ -35,16 +36,7 @@ FORWARDED_ENV = ("DISTILLERY_SLOTS", "DISTILLERY_RAY_PENDING_TIMEOUT_S", "RAY_AU
 
 
 def pending_timeout_s() -> float:
-    raw = os.environ.get("DISTILLERY_RAY_PENDING_TIMEOUT_S", "").strip()
-    if not raw:
-        return DEFAULT_PENDING_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"DISTILLERY_RAY_PENDING_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"DISTILLERY_RAY_PENDING_TIMEOUT_S must be positive, got {value}")
-    return value
+    return positive_env("DISTILLERY_RAY_PENDING_TIMEOUT_S", DEFAULT_PENDING_TIMEOUT_S, float, "seconds a job may wait for resources")
 
 
 class RayExecutor(Executor):
