@@ -75,7 +75,9 @@ class DatasetConfig(_Strict):
         return value
 
 
-class _ModelConfig(_Strict):
+class TrainingConfig(_Strict):
+    """How one model is trained: architecture, epochs, batch size, optimizer and schedule."""
+
     arch: str
     epochs: int = Field(10, ge=0, le=10_000)
     batch_size: int = Field(64, ge=2, le=8192)
@@ -92,7 +94,7 @@ class _ModelConfig(_Strict):
         return value
 
 
-class TeacherConfig(_ModelConfig):
+class TeacherConfig(TrainingConfig):
     source: str = Field("train", description="train | run:<id> | file:<path> | torchvision | random")
 
     @field_validator("source")
@@ -103,7 +105,7 @@ class TeacherConfig(_ModelConfig):
         return value
 
 
-class StudentConfig(_ModelConfig):
+class StudentConfig(TrainingConfig):
     pass
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_core.analysis.report import AnalysisSettings, analysis_subset, build_analysis, cka_checkpoint, cka_epochs, cka_teacher_self
-from kd_core.config import ExperimentConfig, LossTerm, _ModelConfig
+from kd_core.config import ExperimentConfig, LossTerm, TrainingConfig
 from kd_core.data import DataSplits, augment_batch, batch_indices, iterate, load_dataset
 from kd_core.features import FeatureTap, probe_shapes
 from kd_core.losses import BuildContext, DistillLoss, LossInputs, create_loss
@@ -60,7 +60,7 @@ class Phase:
     """One model trained from start to end: the teacher, the distilled student or the baseline."""
 
     name: str  # "teacher" | "student" | "baseline"
-    model_config: _ModelConfig
+    model_config: TrainingConfig
     recipe: list[LossTerm]
 
 
@@ -559,14 +559,14 @@ class Experiment:
         torch.set_rng_state(state["rng"].cpu())
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: _ModelConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:
     o = cfg.optimizer
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: _ModelConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
     s = cfg.scheduler
     if s.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
