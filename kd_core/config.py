@@ -192,11 +192,33 @@ def _source_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         errors.append(("teacher.source", f"torchvision weights exist only for {', '.join(sorted(TORCHVISION_ARCHS))}; pick one of them or source: train"))
     if source.startswith("file:") and not Path(source[5:]).expanduser().is_file():
         errors.append(("teacher.source", f"no file at {source[5:]!r}; give the path of a .safetensors or .pt state dict"))
+    elif source.startswith(("file:", "run:")):
+        errors += _teacher_weight_errors(config)
     if source == "train" and config.teacher.epochs == 0:
         errors.append(("teacher.epochs", "a teacher trained from scratch needs at least 1 epoch (or use source: random)"))
     if config.student.epochs == 0:
         errors.append(("student.epochs", "the student needs at least 1 epoch"))
     return errors
+
+
+def _teacher_weight_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """Weights named by ``file:`` or ``run:`` must fit teacher.arch and the dataset's class count."""
+    from kd_core.settings import run_dir
+    from kd_core.teachers import TeacherUnavailable, check_fits, read_state_dict
+
+    info = DATASETS[config.dataset.name]
+    if not info.num_classes:  # imagefolder: classes are known only once the folder is read
+        return []
+    source = config.teacher.source
+    path = Path(source[5:]).expanduser() if source.startswith("file:") else run_dir(int(source[4:])) / "teacher.safetensors"
+    size = config.dataset.image_size or info.image_size
+    try:
+        state = read_state_dict(path)
+        model = create_model(config.teacher.arch, info.num_classes, info.in_channels, size)
+        check_fits(model, state, config.teacher.arch, info.num_classes, path.name if source.startswith("file:") else f"run {source[4:]}'s teacher")
+    except TeacherUnavailable as exc:
+        return [("teacher.source", str(exc).removeprefix("teacher.source: "))]
+    return []
 
 
 def validate_config(data: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:

@@ -108,3 +108,24 @@ def test_file_errors_are_config_errors(tmp_path: Path) -> None:
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping of fields"):
         load_config(bad)
+
+
+def test_teacher_weights_that_do_not_fit_are_refused_at_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import save_file
+
+    from kd_core.models import create_model
+
+    hundred = tmp_path / "cifar100_teacher.safetensors"
+    save_file(create_model("cnn_small", 100, 1, 8).state_dict(), str(hundred))
+    errors = errors_of(with_changes(**{"teacher.source": f"file:{hundred}"}))
+    assert "100 classes but the dataset has 10" in errors["teacher.source"]
+
+    fits = tmp_path / "digits_teacher.safetensors"
+    save_file(create_model("cnn_small", 10, 1, 8).state_dict(), str(fits))
+    assert validate_config(with_changes(**{"teacher.source": f"file:{fits}"})).teacher.source == f"file:{fits}"
+    errors = errors_of(with_changes(**{"teacher.source": f"file:{fits}", "teacher.arch": "lenet5"}))
+    assert "does not match teacher.arch 'lenet5'" in errors["teacher.source"]
+
+    monkeypatch.setenv("DISTILLERY_ARTIFACTS", str(tmp_path))
+    errors = errors_of(with_changes(**{"teacher.source": "run:7"}))
+    assert "run-7" in errors["teacher.source"] or "no file" in errors["teacher.source"]

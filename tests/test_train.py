@@ -109,17 +109,19 @@ def test_a_teacher_from_a_file_or_an_earlier_run_is_reused(sqlite_store: Store, 
 
 
 def test_teacher_files_that_do_not_fit_are_refused_with_a_reason(tmp_path: Path) -> None:
-    wrong_classes = tmp_path / "hundred.safetensors"
-    save_file(create_model("cnn_small", 100, 1, 8).state_dict(), str(wrong_classes))
-    config = validate_config(tiny(teacher={"arch": "cnn_small", "source": f"file:{wrong_classes}"}))
-    with pytest.raises(TeacherUnavailable, match="100 classes but the dataset has 10"):
-        run_experiment(config, MemorySink(), tmp_path / "a")
+    from kd_core.config import ConfigError
 
-    wrong_arch = tmp_path / "lenet.safetensors"
-    save_file(create_model("lenet5", 10, 1, 8).state_dict(), str(wrong_arch))
-    config = validate_config(tiny(teacher={"arch": "cnn_small", "source": f"file:{wrong_arch}"}))
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(create_model("cnn_small", 100, 1, 8).state_dict(), str(teacher))
+    with pytest.raises(ConfigError, match="100 classes but the dataset has 10"):
+        validate_config(tiny(teacher={"arch": "cnn_small", "source": f"file:{teacher}"}))
+
+    # the engine checks again: the file may change between validation and the run
+    save_file(create_model("cnn_small", 10, 1, 8).state_dict(), str(teacher))
+    config = validate_config(tiny(teacher={"arch": "cnn_small", "source": f"file:{teacher}"}))
+    save_file(create_model("lenet5", 10, 1, 8).state_dict(), str(teacher))
     with pytest.raises(TeacherUnavailable, match="does not match teacher.arch 'cnn_small'"):
-        run_experiment(config, MemorySink(), tmp_path / "b")
+        run_experiment(config, MemorySink(), tmp_path / "run")
 
 
 class Boom:
