@@ -251,7 +251,8 @@ class Experiment:
         eval_teacher_logits = predict(teacher, eval_x, self.amp) if teacher is not None else None
         tap_s = FeatureTap(model, stages="stages" in needs, embedding="embedding" in needs)
         tap_t = FeatureTap(teacher, stages="stages" in needs, embedding="embedding" in needs) if teacher_needed and cache is None else None
-        adaptive = [(self.term_key(phase.recipe, i), loss) for i, loss in enumerate(losses) if type(loss).after_step is not DistillLoss.after_step]
+        keys = [self.term_key(phase.recipe, i) for i in range(len(losses))]  # log names, once per phase
+        adaptive = [(key, loss) for key, loss in zip(keys, losses) if type(loss).after_step is not DistillLoss.after_step]
         model.train()
         try:
             for epoch in range(progress.epoch, cfg.epochs):
@@ -276,8 +277,8 @@ class Experiment:
                             inputs.student_stages = tap_s.stages
                         if teacher_needed:
                             self.fill_teacher(inputs, teacher, tap_t, cache, x, idx, needs)
-                        terms = {self.term_key(phase.recipe, i): loss(inputs).float() for i, loss in enumerate(losses)}
-                    total = sum(self.term_weight(term, epoch + b / len(batches)) * terms[self.term_key(phase.recipe, i)] for i, term in enumerate(phase.recipe))
+                        terms = {key: loss(inputs).float() for key, loss in zip(keys, losses)}
+                    total = sum(self.term_weight(term, epoch + b / len(batches)) * terms[key] for key, term in zip(keys, phase.recipe))
                     if not torch.isfinite(total):
                         raise TrainingError(
                             f"the loss became {total.item()} at {phase.name} epoch {epoch + 1}, step {progress.step + 1}: "

@@ -26,9 +26,10 @@ pytest.importorskip(
 
 import kd_core.runner as runner  # noqa: E402
 from kd_core.config import ExperimentConfig, validate_config  # noqa: E402
-from kd_core.runner import cancel, read_log, reconcile, submit  # noqa: E402
+from kd_core.runner import cancel, read_log, submit  # noqa: E402
 from kd_core.settings import run_dir  # noqa: E402
 from storage import Store  # noqa: E402
+from tests import polling  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HEAD_START_TIMEOUT_S = 120.0
@@ -118,14 +119,7 @@ def tiny_config(name: str, **over: Any) -> ExperimentConfig:
 
 
 def wait_for(store: Store, what: str, predicate: Callable[[], Any], timeout: float = TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        reconcile(store)
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}: {[(r.id, r.status, r.error) for r in store.list_runs()]}")
+    return polling.wait_for(store, what, predicate, timeout, interval=0.5)
 
 
 def job_status(address: str, ref: str) -> str:

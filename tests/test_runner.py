@@ -24,6 +24,7 @@ from kd_core.runner import ACTIVE_STATUSES, cancel, reconcile, read_log, rerun, 
 from kd_core.runner.local import pid_alive
 from kd_core.settings import run_dir
 from storage import Store
+from tests import polling
 
 REPO = Path(__file__).resolve().parents[1]
 DONE = ("completed", "failed", "cancelled")
@@ -57,17 +58,8 @@ def steps_per_run(config: ExperimentConfig) -> int:
     return -(-train // config.student.batch_size) * config.student.epochs
 
 
-def wait_for(store: Store, what: str, predicate: Callable[[], Any], timeout: float = FINISH_TIMEOUT_S, interval: float = 0.2) -> Any:
-    """Poll like the dashboard does (reconcile, then look) until ``predicate`` is truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        reconcile(store)
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    statuses = {r.id: (r.status, r.error) for r in store.list_runs(include_hidden=True)}
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; runs: {statuses}")
+def wait_for(store: Store, what: str, predicate: Callable[[], Any], timeout: float = FINISH_TIMEOUT_S) -> Any:
+    return polling.wait_for(store, what, predicate, timeout)
 
 
 def wait_final(store: Store, run_ids: list[int], timeout: float = FINISH_TIMEOUT_S) -> dict[int, Any]:

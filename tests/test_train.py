@@ -197,3 +197,24 @@ def test_analysis_artifacts_are_recorded_during_and_after_training(sqlite_store:
     # the accuracy in the bundle agrees with the predictions stored next to it
     predicted = tensors["student.logits"].argmax(1)
     assert report["accuracy"]["student"] == pytest.approx(100 * float((predicted == tensors["targets"]).float().mean()))
+
+
+def test_teacher_outputs_are_cached_exactly_when_nothing_makes_them_vary(tmp_path: Path) -> None:
+    """The equivalence test above would pass with caching never on; this one checks when it is on."""
+    from kd_core.losses import create_loss
+    from kd_core.train import Experiment, Progress, predict
+
+    def cache_for(loss: str, **overrides: object):
+        experiment = Experiment(validate_config(tiny(**overrides)), MemorySink(), tmp_path / "probe", lambda: False)
+        experiment.prepare_teacher(Progress())
+        teacher = experiment.freeze_teacher()
+        losses = [create_loss(loss)]
+        return experiment, teacher, experiment.teacher_cache(teacher, set(losses[0].needs), losses)
+
+    experiment, teacher, cache = cache_for("kd")
+    assert cache is not None and torch.equal(cache["logits"], predict(teacher, experiment.data.train_x))
+    assert "embedding" in cache_for("rkd")[2]  # embedding losses reuse cached embeddings too
+    assert cache_for("kd", cache_teacher=False)[2] is None  # switched off
+    augmented = {"name": "digits", "val_fraction": 0.1, "subset": 400, "augment": True}
+    assert cache_for("kd", dataset=augmented)[2] is None  # crops change the teacher's input every epoch
+    assert cache_for("at")[2] is None  # stage maps are never cached
