@@ -58,8 +58,8 @@ def steps_per_run(config: ExperimentConfig) -> int:
     return -(-train // config.student.batch_size) * config.student.epochs
 
 
-def wait_for(store: Store, what: str, predicate: Callable[[], Any], timeout: float = FINISH_TIMEOUT_S) -> Any:
-    return polling.wait_for(store, what, predicate, timeout)
+def wait_for(store: Store, what: str, predicate: Callable[[], Any], timeout: float = FINISH_TIMEOUT_S, interval: float = 0.2) -> Any:
+    return polling.wait_for(store, what, predicate, timeout, interval)
 
 
 def wait_final(store: Store, run_ids: list[int], timeout: float = FINISH_TIMEOUT_S) -> dict[int, Any]:
