@@ -120,6 +120,43 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+class StoreUnavailable(RuntimeError):
+    """The database cannot be opened; the message names the URL (password masked) and the likely fix."""
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (safe to show and log)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is itself the problem being reported
+        return "(unparsable database URL)"
+
+
+# (substring of the driver's message, what it means and what to do); first match wins
+_OPEN_ERROR_HINTS: tuple[tuple[str, str], ...] = (
+    ("does not exist", "the database does not exist: create it (e.g. `createdb NAME`) or fix the name in the URL"),
+    ("password authentication failed", "wrong user or password: fix them in DISTILLERY_DB_URL"),
+    ("no password supplied", "the server wants a password: add it to DISTILLERY_DB_URL"),
+    ("connection refused", "no server answers there: start PostgreSQL (`sudo bash scripts/start_postgres.sh`) or fix host and port"),
+    ("could not translate host name", "unknown host: fix the host name in the URL"),
+    ("timeout expired", "the server did not answer in time: check host, port and firewall"),
+    ("readonly database", "the SQLite file or its folder is read-only: make both writable, or point DISTILLERY_DB_URL elsewhere"),
+    ("unable to open database file", "the SQLite file cannot be created or opened: check that its folder exists and is writable"),
+    ("file is not a database", "that file is not a SQLite database: point DISTILLERY_DB_URL at another file"),
+    ("no module named", "the database driver is not installed: `pip install -r requirements.txt`"),
+    ("can't load plugin", "unknown database type in the URL: use sqlite:///PATH or postgresql+psycopg://USER:PW@HOST/DB"),
+)
+
+
+def describe_open_error(url: str, exc: BaseException) -> str:
+    """One line: which database could not be opened, why, and the likely fix (never a traceback)."""
+    detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    lowered = detail.lower()
+    hint = next((fix for needle, fix in _OPEN_ERROR_HINTS if needle in lowered), "check DISTILLERY_DB_URL (or --db)")
+    short = detail if len(detail) <= 200 else detail[:197] + "..."
+    return f"cannot open the database {masked_url(url)}: {hint} ({short})"
+
+
 def _alembic_config(url: str, connection: Connection | None = None):  # type: ignore[no-untyped-def]
     """Build an Alembic Config in code (no alembic.ini needed)."""
     from alembic.config import Config

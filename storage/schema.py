@@ -32,6 +32,8 @@ runs = Table(
     "runs",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
+    # unique across databases: keys the run's artifact folder (ids are reused, see 0002_run_uid)
+    Column("uid", String(32), nullable=True),
     Column("name", String(256), nullable=False),
     Column("status", String(32), nullable=False),
     Column("config", JSON, nullable=False),
@@ -58,6 +60,7 @@ runs = Table(
     Index("ix_runs_status", "status"),
     Index("ix_runs_created_at", "created_at"),
     Index("ix_runs_parent_id", "parent_id"),
+    Index("ux_runs_uid", "uid", unique=True),
 )
 
 metrics = Table(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import pandas as pd
 from sqlalchemy import Engine, Integer, Select, delete, func, insert, literal_column, select, text, update
 from sqlalchemy.engine import Connection, Row
 
-from storage.db import SQLITE_BEGIN_OPTION, default_db_url, make_engine, run_migrations
+from storage.db import SQLITE_BEGIN_OPTION, StoreUnavailable, default_db_url, describe_open_error, make_engine, masked_url, run_migrations
 from storage.schema import artifacts, metrics, runs
 
 UPDATABLE_RUN_FIELDS: frozenset[str] = frozenset(
@@ -88,6 +89,7 @@ class RunRecord:
     """Immutable snapshot of one row of ``runs``; timestamps are unix seconds."""
 
     id: int
+    uid: str  # unique across databases; names the run's artifact folder
     name: str
     status: str
     config: dict[str, Any]
@@ -158,6 +160,7 @@ def _row_to_run(row: Row) -> RunRecord:
     m = row._mapping
     return RunRecord(
         id=int(m["id"]),
+        uid=m["uid"],
         name=m["name"],
         status=m["status"],
         config=dict(m["config"] or {}),
@@ -274,11 +277,14 @@ class Store:
 
     def __init__(self, url: str | None = None) -> None:
         self.url: str = url or default_db_url()
-        self.engine: Engine = make_engine(self.url)
-        run_migrations(self.engine, self.url)
+        try:
+            self.engine: Engine = make_engine(self.url)
+            run_migrations(self.engine, self.url)
+        except Exception as exc:  # noqa: BLE001 - driver, URL, server and file errors all mean "unavailable"
+            raise StoreUnavailable(describe_open_error(self.url, exc)) from exc
 
     def __repr__(self) -> str:
-        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+        return f"Store({masked_url(self.url)!r})"
 
     def __enter__(self) -> Store:
         return self
@@ -307,8 +313,9 @@ class Store:
         status: str = "queued",
         parent_id: int | None = None,
     ) -> int:
-        """Insert a run and return its id; ``created_at`` is now."""
+        """Insert a run and return its id; ``created_at`` is now and ``uid`` a fresh UUID."""
         values = {
+            "uid": uuid.uuid4().hex,
             "name": str(name),
             "status": str(status),
             "config": to_jsonable(dict(config or {})),

@@ -21,10 +21,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from storage import ArtifactRecord, RunRecord, RunSink, Store, default_db_url
 from storage.db import forget_migrations, run_migrations
 from storage.store import bucket_width
+
+HEAD_REVISION = "0002_run_uid"  # the newest file in storage/migrations/versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -520,11 +523,38 @@ def test_migrations_idempotent(store_url: str) -> None:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
         tables = set(inspect(conn).get_table_names())
         indexes = {ix["name"] for ix in inspect(conn).get_indexes("metrics")}
-    assert versions == ["0001_initial"]
+    assert versions == [HEAD_REVISION]
     assert {"runs", "metrics", "artifacts", "alembic_version"} <= tables
     assert "ix_metrics_run_key_phase_step" in indexes
     for s in (first, second, third):
         s.dispose()
+
+
+def test_runs_of_an_existing_database_get_distinct_identities(store_url: str) -> None:
+    """A database made before 0002 keeps its runs and metrics; each run gets its own uid, and new ones too."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from storage.db import _alembic_config
+
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(store_url, conn), "0001_initial")
+        for name in ("old-a", "old-b"):
+            conn.execute(text("INSERT INTO runs (name, status, config, created_at, summary, progress, tags, hidden) "
+                              "VALUES (:n, 'completed', '{}', 1.0, '{}', '{}', '[]', false)"), {"n": name})
+        conn.execute(text("INSERT INTO metrics (run_id, phase, step, key, value, time) VALUES (1, 'student', 1, 'loss/total', 0.5, 1.0)"))
+    engine.dispose()
+    forget_migrations(store_url)
+    store = Store(store_url)
+    old = store.list_runs(include_hidden=True)
+    new = store.get_run(store.create_run("new", {}))
+    uids = [r.uid for r in old] + [new.uid]
+    assert len(set(uids)) == 3 and all(len(u) == 32 and int(u, 16) >= 0 for u in uids)
+    assert store.count_metrics(1) == 1
+    with pytest.raises(IntegrityError), store.engine.begin() as conn:  # the database itself refuses a shared identity
+        conn.execute(text("UPDATE runs SET uid = :u WHERE id = :i"), {"u": old[0].uid, "i": new.id})
+    store.dispose()
 
 
 def test_default_db_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -650,5 +680,5 @@ def test_concurrent_first_open_migrates_once(store_url: str) -> None:
     s = Store(store_url)
     assert len(s.list_runs()) == 3
     with s.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001_initial"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD_REVISION]
     s.dispose()
