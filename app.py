@@ -11,6 +11,7 @@ HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="Distillery", page_icon="⚗️", layout="wide")
 
+from kd_core.runner.supervisor import ensure_supervisor  # noqa: E402
 from ui.state import app_frame, follow_nav_intent, get_store, masked_db_url  # noqa: E402 - after set_page_config
 
 PAGES = [
@@ -35,6 +36,7 @@ with st.sidebar:
                 "(knowledge distillation) and shows what it learned.")
     try:
         url = get_store().url
+        ensure_supervisor(url)  # one reconcile loop per server process: recovery does not wait for a page to be open
         st.caption(f"Database: `{masked_db_url(url)}`")
     except Exception as exc:  # noqa: BLE001 - say what is wrong instead of a blank app
         st.error(f"Cannot open the database: {exc}")

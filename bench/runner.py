@@ -46,7 +46,7 @@ def in_process(epochs: int) -> dict[str, float]:
 
     from kd_core.config import validate_config
     from kd_core.sink import MemorySink
-    from kd_core.train import run_experiment
+    from kd_core.engine import run_experiment
 
     torch.set_num_threads(1)  # the worker gets DISTILLERY_THREADS=1 below: same compute either way
     sink = MemorySink()
@@ -86,7 +86,7 @@ def worker_import_s() -> float:
     import subprocess
 
     t0 = time.time()
-    subprocess.run([sys.executable, "-c", "import kd_core.train"], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", "import kd_core.engine"], check=True, cwd=Path(__file__).resolve().parents[1])
     return round(time.time() - t0, 2)
 
 

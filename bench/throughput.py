@@ -26,7 +26,8 @@ from kd_core.data import batch_indices, load_dataset
 from kd_core.losses import kd_loss
 from kd_core.models import create_model
 from kd_core.sink import MemorySink
-from kd_core.train import make_optimizer, run_experiment
+from kd_core.engine import run_experiment
+from kd_core.engine.optim import make_optimizer
 from storage import RunSink, Store
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
 from typing import Any, Callable
+
+from storage.db import StoreUnavailable
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -76,24 +79,34 @@ class TqdmSink:
         self.bar.close()
 
 
-@command("run", "train a config in this process and print the summary", lambda p: p.add_argument("config", help="YAML config file"))
+@command("run", "train a config in this process and print the summary (Ctrl-C stops at a checkpoint)", lambda p: p.add_argument("config", help="YAML config file"))
 def cmd_run(args: argparse.Namespace) -> int:
     from storage import RunSink
 
     from kd_core.config import load_config
+    from kd_core.engine import StopRequested, run_experiment
     from kd_core.settings import run_dir
-    from kd_core.train import StopRequested, run_experiment
+    from kd_core.teachers import run_teachers_in
 
-    config = load_config(args.config)
     store = open_store(args)
+    config = load_config(args.config, run_teachers=run_teachers_in(store))
     run_id = store.create_run(config.name, config.model_dump(mode="json"), status="running")
+    run = store.get_run(run_id)
     store.update_run(run_id, started_at=time.time(), host=socket.gethostname(), pid=os.getpid(), executor="inline")
-    print(f"run {run_id}: {config.name}", file=sys.stderr)
+    print(f"run {run_id}: {config.name} (Ctrl-C stops it at a checkpoint; `resume {run_id}` continues)", file=sys.stderr)
+    flag = stop_on_interrupt()
     sink = TqdmSink(RunSink(store, run_id))
     try:
-        summary = run_experiment(config, sink, run_dir(run_id))
-    except (KeyboardInterrupt, StopRequested):
-        store.update_run(run_id, status="cancelled", finished_at=time.time(), error="interrupted from the terminal")
+        summary = run_experiment(config, sink, run_dir(run.uid), stop_requested=flag.is_set, run_teachers=run_teachers_in(store), run_uid=run.uid)
+    except StopRequested:
+        sink.close()
+        step = store.get_run(run_id).progress.get("step")
+        store.update_run(run_id, status="cancelled", finished_at=time.time(),
+                         error=f"interrupted from the terminal and checkpointed; `python -m kd_core resume {run_id}` continues from there")
+        print(f"\nstopped at a checkpoint (step {step}); continue with: python -m kd_core resume {run_id}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        store.update_run(run_id, status="cancelled", finished_at=time.time(), error="interrupted twice from the terminal; resume continues from the last checkpoint")
         return 130
     except Exception as exc:
         store.update_run(run_id, status="failed", finished_at=time.time(), error=f"{exc.__class__.__name__}: {exc}")
@@ -105,6 +118,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(run_id)
     print(summary_table(summary), file=sys.stderr)
     return 0
+
+
+def stop_on_interrupt():  # type: ignore[no-untyped-def]
+    """The first Ctrl-C asks the engine to stop after the current step and checkpoint; a second one interrupts at once."""
+    from kd_core.runner.worker import StopFlag
+
+    flag = StopFlag()
+
+    def handler(signum: int, _frame: Any) -> None:
+        flag.set("Ctrl-C")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step (Ctrl-C again to interrupt at once)...", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    return flag
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -131,10 +159,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("show", "a run's status, summary and logged metric keys", _run_id)
+def _show_args(p: argparse.ArgumentParser) -> None:
+    _run_id(p)
+    p.add_argument("--config", action="store_true", help="print only the run's config, as YAML (python -m kd_core run accepts it)")
+
+
+@command("show", "a run's status, summary, logged metric keys and config", _show_args)
 def cmd_show(args: argparse.Namespace) -> int:
+    import yaml
+
     store = open_store(args)
     run = store.get_run(args.run_id)
+    config_yaml = yaml.safe_dump(run.config, sort_keys=False)
+    if args.config:
+        print(config_yaml, end="")
+        return 0
     print(f"run {run.id}: {run.name} [{run.status}]")
     if run.error:
         print(f"error: {run.error}")
@@ -144,6 +183,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(summary_table(run.summary))
     keys = store.metric_keys(run.id)
     print(f"{store.count_metrics(run.id)} metric rows; keys: " + ", ".join(sorted({f'{p}:{k}' for p, k in keys if 'class_acc' not in k})))
+    print("config:\n  " + config_yaml.rstrip().replace("\n", "\n  "))
     return 0
 
 
@@ -245,6 +285,22 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("supervise", "keep the queue moving without a dashboard: notice dead workers, start queued runs (Ctrl-C stops)")
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from kd_core.runner.supervisor import Supervisor
+
+    supervisor = Supervisor(open_store(args).url)
+    print(f"supervising {open_store(args)!r} every {supervisor.interval:g} s (Ctrl-C stops)", file=sys.stderr)
+    supervisor.start()
+    try:
+        while supervisor.is_alive():
+            supervisor.join(1.0)
+    except KeyboardInterrupt:
+        supervisor.stop()
+        supervisor.join(10)
+    return 0
+
+
 @command("work", "(internal) the background worker that trains one queued run", lambda p: p.add_argument("run_id", type=int))
 def cmd_work(args: argparse.Namespace) -> int:
     from kd_core.runner.worker import main as work
@@ -254,23 +310,27 @@ def cmd_work(args: argparse.Namespace) -> int:
 
 def reconcile_first(args: argparse.Namespace) -> None:
     """Every CLI call brings the database up to date with reality first (dead workers, free slots)."""
-    if args.command == "work":
-        return  # the worker dispatches when it ends; it must not delay its own start
-    try:
-        from kd_core.runner import reconcile
+    from kd_core.runner import reconcile
 
-        reconcile(open_store(args))
+    store = open_store(args)  # StoreUnavailable goes up: there is nothing to answer without the database
+    try:
+        reconcile(store)
     except Exception as exc:  # noqa: BLE001 - e.g. Ray unreachable: still answer the question asked
         print(f"warning: could not reconcile runs: {exc.__class__.__name__}: {exc}", file=sys.stderr)
 
 
+DB_HELP = "SQLAlchemy URL (default: $DISTILLERY_DB_URL or SQLite in ./distillery-data); before or after the command"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kd_core", description="Distillery: knowledge-distillation experiments")
-    parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: $DISTILLERY_DB_URL or SQLite in ./distillery-data)")
+    parser.add_argument("--db", default=None, help=DB_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, arguments, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         arguments(p)
+        # also after the command (`run c.yaml --db URL`, as people type it); SUPPRESS keeps a --db given before it
+        p.add_argument("--db", default=argparse.SUPPRESS, help=DB_HELP)
         p.set_defaults(func=fn)
     return parser
 
@@ -279,12 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "work":
         return args.func(args)  # before any heavy import; see the module docstring
-    reconcile_first(args)
     try:
+        reconcile_first(args)
         return args.func(args)
+    except BrokenPipeError:  # `runs | head` closed the pipe: end quietly, like other command-line tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyError as exc:  # unknown run id
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     except ValueError as exc:  # e.g. resuming a completed run; ConfigError is a ValueError too
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,17 +7,24 @@ allowed, e.g. ``recipe[1].params.temprature: unknown parameter of loss 'kd'; all
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_core.data import DATASETS
 from kd_core.losses import LOSSES, describe_loss
+from kd_core.losses.params import param_errors
 from kd_core.models import MODELS, TORCHVISION_ARCHS, create_model, feature_spec
+from kd_core.settings import default_dataset_root
+
+if TYPE_CHECKING:
+    from kd_core.teachers import RunTeachers
 
 TEACHER_SOURCE = re.compile(r"^(train|random|torchvision|run:\d+|file:.+)$")
 
@@ -61,7 +68,7 @@ def _scheduler_from_name(value: Any) -> Any:
 
 class DatasetConfig(_Strict):
     name: str = "mnist5k"
-    root: str = "distillery-data/datasets"
+    root: str = Field(default_factory=default_dataset_root, description="where datasets are downloaded or looked for")
     val_fraction: float = Field(0.1, ge=0, le=0.5)
     augment: bool = False
     subset: int | None = Field(None, ge=20, description="cap on training images, for quick runs")
@@ -131,6 +138,9 @@ class ExperimentConfig(_Strict):
     name: str = Field("experiment", min_length=1, max_length=200)
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="forward passes: auto = bf16 on GPUs that support it, fp32 on CPU; loss terms are always fp32"
+    )
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     teacher: TeacherConfig
     student: StudentConfig
@@ -142,6 +152,16 @@ class ExperimentConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields that do not change what is trained: renaming a run must not make its checkpoint foreign.
+_NOT_FINGERPRINTED = ("name",)
+
+
+def config_fingerprint(config: ExperimentConfig) -> str:
+    """SHA-256 of everything in ``config`` that affects training (all but the name), canonically encoded."""
+    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -171,13 +191,35 @@ def _recipe_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
         for name, default in allowed.items():
             if default is inspect.Parameter.empty and name not in term.params:
                 errors.append((f"{where}.params.{name}", f"loss {term.loss!r} needs this parameter"))
+        errors += [(f"{where}.params.{name}", message) for name, message in param_errors(term.loss, term.params, allowed)]
         if "stages" in cls.needs:
             for role, arch in archs.items():
                 if not _has_stages(arch):
                     errors.append((f"{where}.loss", f"{term.loss!r} needs stage feature maps but the {role} {arch!r} has none; use a convolutional {role} or a logit loss"))
+    if all(term.weight == 0 for term in config.recipe):
+        errors.append(("recipe", "every term's weight is 0, so the student would not learn; give at least one term a positive weight"))
     if config.baseline and all(term.loss == "ce" for term in config.recipe):
         errors.append(("baseline", "the recipe is CE only, so the baseline would repeat it; set baseline: false or add a distillation term"))
     return errors
+
+
+def _with_default_params(config: ExperimentConfig) -> ExperimentConfig:
+    """Every loss parameter written out, defaults included, so a stored config says exactly what ran."""
+    for term in config.recipe:
+        defaults = describe_loss(term.loss)["params"]
+        term.params = {name: term.params.get(name, default) for name, default in defaults.items()}  # required ones were checked
+    return config
+
+
+def _missing_teacher(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """A recipe that distils, with no teacher section: say which term needs one."""
+    if data.get("teacher") is not None:
+        return []
+    recipe = data.get("recipe") if isinstance(data.get("recipe"), list) else []
+    names = [t.get("loss") for t in recipe if isinstance(t, dict) and t.get("loss") in LOSSES and LOSSES[t["loss"]].needs - {"target", "index"}]
+    if not names:
+        return []
+    return [("teacher", f"the recipe's {names[0]!r} term learns from a teacher, and there is none: add a teacher section (arch, source)")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,15 +227,15 @@ def _has_stages(arch: str) -> bool:
     return bool(feature_spec(create_model(arch, 10, 3, 32)).stages)
 
 
-def _source_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+def _source_errors(config: ExperimentConfig, run_teachers: RunTeachers | None) -> list[tuple[str, str]]:
     source = config.teacher.source
     errors: list[tuple[str, str]] = []
     if source == "torchvision" and config.teacher.arch not in TORCHVISION_ARCHS:
         errors.append(("teacher.source", f"torchvision weights exist only for {', '.join(sorted(TORCHVISION_ARCHS))}; pick one of them or source: train"))
     if source.startswith("file:") and not Path(source[5:]).expanduser().is_file():
         errors.append(("teacher.source", f"no file at {source[5:]!r}; give the path of a .safetensors or .pt state dict"))
-    elif source.startswith(("file:", "run:")):
-        errors += _teacher_weight_errors(config)
+    elif source.startswith("file:") or (source.startswith("run:") and run_teachers is not None):
+        errors += _teacher_weight_errors(config, run_teachers)
     if source == "train" and config.teacher.epochs == 0:
         errors.append(("teacher.epochs", "a teacher trained from scratch needs at least 1 epoch (or use source: random)"))
     if config.student.epochs == 0:
@@ -201,18 +243,17 @@ def _source_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
     return errors
 
 
-def _teacher_weight_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+def _teacher_weight_errors(config: ExperimentConfig, run_teachers: RunTeachers | None) -> list[tuple[str, str]]:
     """Weights named by ``file:`` or ``run:`` must fit teacher.arch and the dataset's class count."""
-    from kd_core.settings import run_dir
     from kd_core.teachers import TeacherUnavailable, check_fits, read_state_dict
 
     info = DATASETS[config.dataset.name]
     if not info.num_classes:  # imagefolder: classes are known only once the folder is read
         return []
     source = config.teacher.source
-    path = Path(source[5:]).expanduser() if source.startswith("file:") else run_dir(int(source[4:])) / "teacher.safetensors"
     size = config.dataset.image_size or info.image_size
     try:
+        path = Path(source[5:]).expanduser() if source.startswith("file:") else run_teachers(int(source[4:]))
         state = read_state_dict(path)
         model = create_model(config.teacher.arch, info.num_classes, info.in_channels, size)
         check_fits(model, state, config.teacher.arch, info.num_classes, path.name if source.startswith("file:") else f"run {source[4:]}'s teacher")
@@ -221,8 +262,12 @@ def _teacher_weight_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
     return []
 
 
-def validate_config(data: dict[str, Any] | ExperimentConfig) -> ExperimentConfig:
-    """Parse and check a config dict; raise :class:`ConfigError` listing every problem found."""
+def validate_config(data: dict[str, Any] | ExperimentConfig, *, run_teachers: RunTeachers | None = None) -> ExperimentConfig:
+    """Parse and check a config dict; raise :class:`ConfigError` listing every problem found.
+
+    ``run_teachers`` resolves ``teacher.source: run:<id>`` (see :func:`kd_core.teachers.run_teachers_in`);
+    without it such a source is checked when the run starts.
+    """
     if isinstance(data, ExperimentConfig):
         data = data.model_dump()
     if not isinstance(data, dict):
@@ -230,15 +275,17 @@ def validate_config(data: dict[str, Any] | ExperimentConfig) -> ExperimentConfig
     try:
         config = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([(_field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]) from None
-    errors = _recipe_errors(config) + _source_errors(config)
+        errors = [(_field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        teacher = _missing_teacher(data)
+        raise ConfigError(teacher + [e for e in errors if not (teacher and e[0] == "teacher")]) from None
+    errors = _recipe_errors(config) + _source_errors(config, run_teachers)
     if errors:
         raise ConfigError(errors)
-    return config
+    return _with_default_params(config)
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config file."""
+def load_config(path: str | Path, *, run_teachers: RunTeachers | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config file (``run_teachers`` as in :func:`validate_config`)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -246,4 +293,4 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigError([("(file)", f"no config file at {str(path)!r}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([("(file)", f"{path} is not valid YAML: {exc}")]) from None
-    return validate_config(data)
+    return validate_config(data, run_teachers=run_teachers)

@@ -277,14 +277,30 @@ def _imagefolder(root: str, image_size: int | None) -> Arrays:
 # --------------------------------------------------------------------------- batching and augmentation
 
 
+# BatchNorm in training mode and every relation or contrastive term need at least two samples a batch
+MIN_BATCH = 2
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches :func:`batch_indices` makes of ``n`` samples."""
+    full, rest = divmod(n, batch_size)
+    return full + int(rest >= MIN_BATCH or full == 0)
+
+
 def batch_indices(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The epoch's batches of indices. Seeded by (seed, epoch), so a resumed epoch replays the same order."""
+    """The epoch's batches of indices. Seeded by (seed, epoch), so a resumed epoch replays the same order.
+
+    A last batch smaller than :data:`MIN_BATCH` joins the one before it, so no sample is dropped.
+    """
     if shuffle:
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
     else:
         order = torch.arange(n)
-    return list(order.split(batch_size))
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < MIN_BATCH:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 def augment_batch(x: torch.Tensor, *, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,17 +1,78 @@
-"""Where things live on disk. Every path can be moved with an environment variable."""
+"""Where things live on disk, and which folders a path typed into the dashboard may point into.
+
+Every location can be moved with an environment variable; relative values are relative to the current
+working directory (as the default SQLite URL is), so ``make run`` keeps everything under the checkout.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-DATA_HOME = Path(os.environ.get("DISTILLERY_HOME", "distillery-data"))
+
+def data_home() -> Path:
+    """The project's data folder: ``$DISTILLERY_HOME``, default ``./distillery-data``."""
+    return Path(os.environ.get("DISTILLERY_HOME", "distillery-data")).expanduser()
+
+
+def default_dataset_root() -> str:
+    """Where datasets are downloaded or looked for unless a config says otherwise."""
+    return str(data_home() / "datasets")
 
 
 def artifacts_root() -> Path:
     """Checkpoints and reports of every run; on a cluster, a path every node sees (``DISTILLERY_ARTIFACTS``)."""
-    return Path(os.environ.get("DISTILLERY_ARTIFACTS", DATA_HOME / "artifacts"))
+    return Path(os.environ.get("DISTILLERY_ARTIFACTS", data_home() / "artifacts")).expanduser()
 
 
-def run_dir(run_id: int) -> Path:
-    return artifacts_root() / f"run-{run_id}"
+def run_dir(run_uid: str) -> Path:
+    """A run's folder, keyed by its identity (unique across databases), never by its reusable number."""
+    if not run_uid or not run_uid.isalnum():
+        raise ValueError(f"a run identity is a hex string, got {run_uid!r}")
+    return (artifacts_root() / f"run-{run_uid}").resolve()
+
+
+# --------------------------------------------------------------------------- paths from a form
+
+
+def _absolute(path: str | Path) -> Path:
+    """``path`` made absolute and normalised *lexically*: no file is touched."""
+    return Path(os.path.normpath(os.path.abspath(os.path.expanduser(str(path)))))
+
+
+def allowed_roots() -> list[Path]:
+    """Folders a path typed into the dashboard may point into: the data folder and ``DISTILLERY_ALLOWED_ROOTS``."""
+    roots = [_absolute(data_home())]
+    for part in os.environ.get("DISTILLERY_ALLOWED_ROOTS", "").split(os.pathsep):
+        if part.strip():
+            roots.append(_absolute(part.strip()))
+    return roots
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def path_error(field: str, path: str | Path) -> str | None:
+    """None when ``path`` lies under an allowed folder, else a message naming ``field`` and the fix.
+
+    The check is lexical first, so a path outside every allowed folder is refused without being opened or
+    stat'ed (the answer never reveals whether such a file exists). Only a path that is lexically inside is
+    resolved, which catches symbolic links pointing out.
+    """
+    if not str(path).strip():
+        return f"{field}: give a path"
+    roots = allowed_roots()
+    absolute = _absolute(path)
+    if _inside(absolute, roots) and _inside(absolute.resolve(), [r.resolve() for r in roots]):
+        return None
+    allowed = ", ".join(str(r) for r in roots)
+    return (
+        f"{field}: {str(path)!r} is outside the folders the dashboard may read ({allowed}); "
+        "move it there or add its folder to DISTILLERY_ALLOWED_ROOTS"
+    )
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path made absolute with symbolic links followed (call :func:`path_error` first for form input)."""
+    return _absolute(path).resolve()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -57,12 +57,13 @@ class MetricLogger:
     """Buffers metric rows and hands them to the sink at most once per ``flush_interval_s``.
 
     Values may be 0-d tensors: they are converted in one batch at flush time, so a GPU run syncs once a
-    second rather than once per scalar.
+    second rather than once per step.
     """
 
-    def __init__(self, sink: MetricsSink, flush_interval_s: float = 1.0) -> None:
+    def __init__(self, sink: MetricsSink, flush_interval_s: float = 1.0, on_flush: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         self.sink = sink
         self.flush_interval_s = flush_interval_s
+        self.on_flush = on_flush  # sees every flushed batch after the sink stored it (the non-finite check)
         self._pending: list[tuple[str, int, int, str, float | torch.Tensor, float]] = []
         self._last_flush = time.monotonic()
 
@@ -84,3 +85,5 @@ class MetricLogger:
         ]
         self._pending.clear()
         self.sink.log_metrics(rows)
+        if self.on_flush is not None:
+            self.on_flush(rows)

@@ -6,6 +6,7 @@ Nothing here unpickles arbitrary objects: safetensors, or ``torch.load(weights_o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -15,6 +16,33 @@ from kd_core.models import feature_spec
 
 class TeacherUnavailable(RuntimeError):
     """The teacher's weights cannot be found or do not fit the chosen architecture and dataset."""
+
+
+RunTeachers = Callable[[int], Path]
+"""Maps the id in ``teacher.source: run:<id>`` to that run's trained teacher weights (raises TeacherUnavailable)."""
+
+
+def run_teachers_in(store: Any) -> RunTeachers:
+    """``run:<id>`` lookups in ``store``: the teacher checkpoint that run recorded, wherever it lies.
+
+    Going through the recorded artifact (not a folder name built from the id) is what keeps a run of
+    another database, or a deleted run whose number was reused, from ever being taken for this one.
+    """
+
+    def lookup(run_id: int) -> Path:
+        try:
+            store.get_run(run_id)
+        except KeyError:
+            raise TeacherUnavailable(f"teacher.source: there is no run {run_id} in this database") from None
+        for artifact in store.artifacts(run_id, "checkpoint"):
+            if artifact.meta.get("model") == "teacher" and artifact.meta.get("which") == "last":
+                return Path(artifact.path)
+        raise TeacherUnavailable(
+            f"teacher.source: run {run_id} has no teacher trained by itself (yet); pick a run whose teacher source was 'train' "
+            "and whose teacher phase has finished"
+        )
+
+    return lookup
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -73,7 +101,7 @@ def torchvision_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def load_teacher_weights(model: nn.Module, source: str, arch: str, num_classes: int, *, artifacts_root: Path) -> None:
+def load_teacher_weights(model: nn.Module, source: str, arch: str, num_classes: int, *, run_teachers: RunTeachers | None) -> None:
     """Fill ``model`` with the weights ``source`` names (``file:``, ``run:`` or ``torchvision``)."""
     if source.startswith("file:"):
         state = read_state_dict(source[5:])
@@ -81,10 +109,9 @@ def load_teacher_weights(model: nn.Module, source: str, arch: str, num_classes: 
         model.load_state_dict(state)
     elif source.startswith("run:"):
         run_id = int(source[4:])
-        path = Path(artifacts_root) / f"run-{run_id}" / "teacher.safetensors"
-        if not path.exists():
-            raise TeacherUnavailable(f"teacher.source: run {run_id} has no trained teacher at {path}; pick a run whose teacher source was 'train'")
-        state = read_state_dict(path)
+        if run_teachers is None:
+            raise TeacherUnavailable(f"teacher.source: {source} names a run, but no runs database was given to look it up in")
+        state = read_state_dict(run_teachers(run_id))
         check_fits(model, state, arch, num_classes, f"run {run_id}'s teacher")
         model.load_state_dict(state)
     elif source == "torchvision":

@@ -134,14 +134,14 @@ def _delete(ids: list[int]) -> None:
     notes = []
     for rid in ids:
         try:
-            status = store.get_run(rid).status
+            run = store.get_run(rid)
         except KeyError:
             continue
-        if status in ACTIVE:
-            notes.append(f"#{rid} is {status}: cancel it first")
+        if run.status in ACTIVE:
+            notes.append(f"#{rid} is {run.status}: cancel it first")
             continue
         paths = store.delete_run(rid)
-        problems = delete_run_files(rid, paths)
+        problems = delete_run_files(run.uid, paths)
         notes.append(f"deleted #{rid}" + (f" (could not remove: {', '.join(problems)})" if problems else ""))
     flash("; ".join(notes) or "Nothing deleted.", "success" if all(n.startswith("deleted") for n in notes) else "warning")
 

@@ -126,6 +126,17 @@ def test_teacher_weights_that_do_not_fit_are_refused_at_validation(tmp_path: Pat
     errors = errors_of(with_changes(**{"teacher.source": f"file:{fits}", "teacher.arch": "lenet5"}))
     assert "does not match teacher.arch 'lenet5'" in errors["teacher.source"]
 
-    monkeypatch.setenv("DISTILLERY_ARTIFACTS", str(tmp_path))
-    errors = errors_of(with_changes(**{"teacher.source": "run:7"}))
-    assert "run-7" in errors["teacher.source"] or "no file" in errors["teacher.source"]
+    # run:<id> is looked up in the runs database (never by a folder name built from the id)
+    from storage import Store
+
+    from kd_core.teachers import run_teachers_in
+
+    store = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    with pytest.raises(ConfigError, match="there is no run 7 in this database"):
+        validate_config(with_changes(**{"teacher.source": "run:7"}), run_teachers=run_teachers_in(store))
+    untrained = store.create_run("no teacher yet", {})
+    with pytest.raises(ConfigError, match=f"run {untrained} has no teacher trained by itself"):
+        validate_config(with_changes(**{"teacher.source": f"run:{untrained}"}), run_teachers=run_teachers_in(store))
+    store.add_artifact(untrained, "checkpoint", str(fits), {"model": "teacher", "which": "last"})
+    assert validate_config(with_changes(**{"teacher.source": f"run:{untrained}"}), run_teachers=run_teachers_in(store))
+    store.dispose()

@@ -229,15 +229,18 @@ def test_taid_value():
 
 def test_taid_schedule_updates_and_survives_state_dict():
     sched = L.TAIDSchedule(t_start=0.4, t_end=1.0, alpha=0.1, beta=0.99)
-    assert sched.update(2.0, step=0, total_steps=100) == pytest.approx(0.4)  # first call stores ℓ only
+    sched.update(torch.tensor(2.0), step=0, total_steps=100)
+    assert float(sched.t) == pytest.approx(0.4)  # first call stores ℓ only
     # second call by hand: rel = (2−1)/2, m = 0.01·rel, t = max(t_lin, t + α·σ(m)·(1−t))
     m = 0.01 * 0.5
     t_adaptive = 0.4 + 0.1 * (1 / (1 + math.exp(-m))) * 0.6
     t_lin = 0.4 + 0.6 * 1 / 100
-    assert sched.update(1.0, step=1, total_steps=100) == pytest.approx(max(t_lin, t_adaptive), rel=1e-6)
+    sched.update(torch.tensor(1.0), step=1, total_steps=100)
+    assert float(sched.t) == pytest.approx(max(t_lin, t_adaptive), rel=1e-6)
     # the linear floor wins when the adaptive step is small
     t_now = float(sched.t)
-    assert sched.update(1.0, step=90, total_steps=100) == pytest.approx(0.4 + 0.6 * 0.9, rel=1e-6)
+    sched.update(torch.tensor(1.0), step=90, total_steps=100)
+    assert float(sched.t) == pytest.approx(0.4 + 0.6 * 0.9, rel=1e-6)
     assert t_now < float(sched.t)
     resumed = L.TAIDSchedule(t_start=0.4, alpha=0.1)
     resumed.load_state_dict(sched.state_dict())
@@ -250,9 +253,9 @@ def test_taid_module_logs_t_and_steps_schedule():
     module = L.create_loss("taid", {"alpha": 0.1})
     inputs = LossInputs(t64(S), teacher_logits=t64(T), step=50, total_steps=100)
     module(inputs)
-    module.after_step(2.0)
-    module.after_step(1.0)
-    assert module.logged_values()["taid_t"] >= 0.4 + 0.6 * 0.5 - 1e-6
+    module.after_step(torch.tensor(2.0))
+    module.after_step(torch.tensor(1.0))
+    assert float(module.logged_values()["taid_t"]) >= 0.4 + 0.6 * 0.5 - 1e-6
     assert "schedule.t" in module.state_dict()
 
 
@@ -455,7 +458,9 @@ def test_crd_banks_and_constants():
     torch.manual_seed(0)
     crd = L.create_loss("crd")
     crd.build(_context())
-    assert crd.num_negatives == 19  # clamped to num_train − 1
+    assert crd.num_negatives == 19  # left empty: min(16384, num_train − 1)
+    with pytest.raises(ValueError, match="num_negatives is 20 but the training set has only 20 samples"):
+        L.create_loss("crd", {"num_negatives": 20}).build(_context())
     index = torch.tensor([3, 7, 11, 0])
     before = crd.memory_student.clone()
     inputs = LossInputs(

@@ -2,7 +2,7 @@
 
 One experiment per module (digits, 300 images; teacher cnn_small 1 epoch, student cnn_tiny 2 epochs, baseline;
 analysis on 200 test images, CKA at 2 checkpoints, 4 attribution images), trained with
-kd_core.train.run_experiment into a temporary database through storage.RunSink.
+kd_core.engine.run_experiment into a temporary database through storage.RunSink.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def env(tmp_path_factory):
     mp.setenv("DISTILLERY_ARTIFACTS", str(tmp / "artifacts"))
     from kd_core.config import validate_config
     from kd_core.settings import run_dir
-    from kd_core.train import run_experiment
+    from kd_core.engine import run_experiment
     from storage import RunSink, Store
 
     torch.set_num_threads(1)
@@ -53,7 +53,7 @@ def env(tmp_path_factory):
     cfg = validate_config(_config())
     run_id = store.create_run(cfg.name, cfg.model_dump(mode="json"), status="running")
     store.update_run(run_id, started_at=time.time())
-    run_experiment(cfg, RunSink(store, run_id), run_dir(run_id))
+    run_experiment(cfg, RunSink(store, run_id), run_dir(store.get_run(run_id).uid))
     assert store.transition(run_id, ["running"], "completed", finished_at=time.time())
     # an older run: finished, but no analysis artifacts at all
     old = dict(_config(), name="old run")

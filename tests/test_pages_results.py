@@ -1,7 +1,7 @@
 """Result pages (run detail, compare, playground) and their helpers, with AppTest on a real finished run.
 
 One tiny real experiment per module (digits, 300 images, 1 epoch each for teacher, student and baseline),
-trained with kd_core.train.run_experiment into a temporary database through storage.RunSink.
+trained with kd_core.engine.run_experiment into a temporary database through storage.RunSink.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def _train(store, seed: int, temperature: float) -> int:
 
     from kd_core.config import validate_config
     from kd_core.settings import run_dir
-    from kd_core.train import run_experiment
+    from kd_core.engine import run_experiment
     from storage import RunSink
 
     torch.set_num_threads(1)
     cfg = validate_config(_config(seed, temperature))
     run_id = store.create_run(cfg.name, cfg.model_dump(mode="json"), status="running")
     store.update_run(run_id, started_at=time.time())
-    run_experiment(cfg, RunSink(store, run_id), run_dir(run_id))
+    run_experiment(cfg, RunSink(store, run_id), run_dir(store.get_run(run_id).uid))
     assert store.transition(run_id, ["running"], "completed", finished_at=time.time())
     return run_id
 

@@ -282,7 +282,7 @@ def test_runs_actions_change_status(env, no_dispatch, tmp_path):
     # delete the completed run with its files, after confirming
     from kd_core.settings import run_dir
 
-    folder = run_dir(ids["done"])
+    folder = run_dir(env.get_run(ids["done"]).uid)
     folder.mkdir(parents=True)
     (folder / "student.safetensors").write_bytes(b"x")
     env.add_artifact(ids["done"], "checkpoint", str(folder / "student.safetensors"), {"model": "student"})

@@ -152,7 +152,7 @@ def test_ray_cancel_checkpoints(ray_store: Store, ray_address: str) -> None:
     wait_for(store, "the cancel", lambda: store.get_run(run_id).status == "cancelled", timeout=60)
     run = store.get_run(run_id)
     assert run.error is None, run.error  # the worker saw 'cancelling' and stopped itself
-    assert (run_dir(run_id) / "checkpoint.pt").exists()
+    assert (run_dir(run.uid) / "checkpoint.pt").exists()
     assert "checkpoint saved" in read_log(store, run_id)
     wait_for(store, "the Ray job to end", lambda: job_status(ray_address, run.executor_ref) in ("SUCCEEDED", "STOPPED"), timeout=30)
 

@@ -8,7 +8,7 @@ import pytest
 
 from kd_core.config import ConfigError, validate_config
 from kd_core.losses import LOSSES
-from kd_core.train import run_experiment
+from kd_core.engine import run_experiment
 from storage import RunSink, Store
 
 PAIRS = {

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from kd_core.config import validate_config
 from kd_core.models import create_model
 from kd_core.sink import MemorySink
-from kd_core.teachers import TeacherUnavailable, read_state_dict
-from kd_core.train import StopRequested, TrainingError, run_experiment
+from kd_core.teachers import TeacherUnavailable, read_state_dict, run_teachers_in
+from kd_core.engine import StopRequested, TrainingError, run_experiment
 from storage import RunSink, Store
 
 TINY = {
@@ -40,9 +40,9 @@ def sqlite_store(tmp_path: Path) -> Store:
 
 
 def run_in_store(store: Store, config: dict, artifacts: Path, **kwargs) -> tuple[int, dict]:
-    cfg = validate_config(config)
+    cfg = validate_config(config, run_teachers=run_teachers_in(store))
     run_id = store.create_run(cfg.name, cfg.model_dump(mode="json"), status="running")
-    summary = run_experiment(cfg, RunSink(store, run_id), artifacts / f"run-{run_id}", **kwargs)
+    summary = run_experiment(cfg, RunSink(store, run_id), artifacts / f"run-{run_id}", run_teachers=run_teachers_in(store), **kwargs)
     store.update_run(run_id, status="completed")
     return run_id, summary
 
@@ -156,7 +156,7 @@ def test_a_diverging_loss_stops_the_run_with_a_reason(tmp_path: Path) -> None:
             recipe=[{"loss": "ce"}, {"loss": "kd", "weight": 1e30}],  # a typo'd weight blows up the step
         )
     )
-    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at student epoch 1.*lower student.optimizer.lr"):
+    with pytest.raises(TrainingError, match=r"became non-finite at once \(student epoch 1.*lower student.optimizer.lr \(now 0.05\) or the recipe weights \(largest: kd 1e\+30\)"):
         run_experiment(config, MemorySink(), tmp_path)
 
 
@@ -200,21 +200,28 @@ def test_analysis_artifacts_are_recorded_during_and_after_training(sqlite_store:
 
 
 def test_teacher_outputs_are_cached_exactly_when_nothing_makes_them_vary(tmp_path: Path) -> None:
-    """The equivalence test above would pass with caching never on; this one checks when it is on."""
-    from kd_core.losses import create_loss
-    from kd_core.train import Experiment, Progress, predict
+    """The equivalence test above would pass with caching never on; this one checks when it is on, and why not."""
+    from kd_core.engine import Experiment, PhaseRun
+    from kd_core.engine.evaluation import predict
+    from kd_core.engine.phases import Progress
 
-    def cache_for(loss: str, **overrides: object):
-        experiment = Experiment(validate_config(tiny(**overrides)), MemorySink(), tmp_path / "probe", lambda: False)
-        experiment.prepare_teacher(Progress())
-        teacher = experiment.freeze_teacher()
-        losses = [create_loss(loss)]
-        return experiment, teacher, experiment.teacher_cache(teacher, set(losses[0].needs), losses)
+    def student_phase(loss: str, **overrides: object) -> PhaseRun:
+        recipe = [{"loss": "ce"}, {"loss": loss}]
+        experiment = Experiment(validate_config(tiny(recipe=recipe, **overrides)), MemorySink(), tmp_path / "probe", lambda: False)
+        progress = Progress(phase_index=1)
+        experiment.prepare_teacher(progress)
+        return PhaseRun(experiment, experiment.phases[1], progress)
 
-    experiment, teacher, cache = cache_for("kd")
-    assert cache is not None and torch.equal(cache["logits"], predict(teacher, experiment.data.train_x))
-    assert "embedding" in cache_for("rkd")[2]  # embedding losses reuse cached embeddings too
-    assert cache_for("kd", cache_teacher=False)[2] is None  # switched off
-    augmented = {"name": "digits", "val_fraction": 0.1, "subset": 400, "augment": True}
-    assert cache_for("kd", dataset=augmented)[2] is None  # crops change the teacher's input every epoch
-    assert cache_for("at")[2] is None  # stage maps are never cached
+    run = student_phase("kd")
+    outputs = run.teacher_outputs
+    assert outputs is not None and outputs.mode == "cached" and outputs.cache is not None
+    assert torch.equal(outputs.cache["logits"], predict(run.teacher, run.experiment.data.train_x))
+    assert "embedding" in student_phase("rkd").teacher_outputs.cache  # embedding losses reuse cached embeddings too
+    why = {
+        "cache_teacher is off": student_phase("kd", cache_teacher=False),
+        "augmentation": student_phase("kd", dataset={"name": "digits", "val_fraction": 0.1, "subset": 400, "augment": True}),
+        "stage feature maps": student_phase("at"),
+    }
+    for reason, phase in why.items():
+        assert phase.teacher_outputs.mode == "live" and reason in phase.teacher_outputs.why_live
+        assert phase.teacher_mode == {"teacher_outputs": "live", "teacher_outputs_reason": phase.teacher_outputs.why_live}

@@ -21,7 +21,8 @@ from typing import Any
 import streamlit as st
 import yaml
 
-from ui.state import PROJECT_ROOT, data_home, path_error, resolve_path, uploads_dir
+from kd_core.settings import data_home, path_error, resolve_path
+from ui.state import PROJECT_ROOT, uploads_dir
 
 P = "nx_"  # key prefix of every form widget
 SOURCES = {

@@ -15,6 +15,7 @@ from typing import Any
 import streamlit as st
 
 from kd_core import runner
+from kd_core.settings import data_home, resolve_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,47 +111,11 @@ def reconcile(store) -> None:
 # --------------------------------------------------------------------------- paths
 
 
-def data_home() -> Path:
-    """The project's data folder (``DISTILLERY_HOME``, default ``<project>/distillery-data``)."""
-    home = Path(os.environ.get("DISTILLERY_HOME", "distillery-data")).expanduser()
-    return (home if home.is_absolute() else PROJECT_ROOT / home).resolve()
-
-
-def allowed_roots() -> list[Path]:
-    """Folders the form may point at: the data folder plus ``DISTILLERY_ALLOWED_ROOTS`` (os.pathsep-separated)."""
-    roots = [data_home()]
-    for part in os.environ.get("DISTILLERY_ALLOWED_ROOTS", "").split(os.pathsep):
-        if part.strip():
-            roots.append(Path(part.strip()).expanduser().resolve())
-    return roots
-
-
-def resolve_path(path: str) -> Path:
-    """A typed path made absolute (relative paths are relative to the project folder)."""
-    p = Path(path).expanduser()
-    return (p if p.is_absolute() else PROJECT_ROOT / p).resolve()
-
-
-def path_error(field: str, path: str) -> str | None:
-    """None when ``path`` lies under an allowed folder, else a message naming ``field``."""
-    if not str(path).strip():
-        return f"{field}: give a path"
-    resolved = resolve_path(path)
-    for root in allowed_roots():
-        if resolved == root or resolved.is_relative_to(root):
-            return None
-    allowed = ", ".join(str(r) for r in allowed_roots())
-    return (
-        f"{field}: {str(path)!r} is outside the folders the dashboard may read ({allowed}); "
-        "move it there or add its folder to DISTILLERY_ALLOWED_ROOTS"
-    )
-
-
 def uploads_dir() -> Path:
     return data_home() / "uploads"
 
 
-def delete_run_files(run_id: int, paths: list[str]) -> list[str]:
+def delete_run_files(run_uid: str, paths: list[str]) -> list[str]:
     """Remove a deleted run's artifact files and its folder; return what could not be removed."""
     from kd_core.settings import artifacts_root, run_dir
 
@@ -165,7 +130,7 @@ def delete_run_files(run_id: int, paths: list[str]) -> list[str]:
             target.unlink(missing_ok=True)
         except OSError as exc:
             problems.append(f"{p} ({exc.strerror})")
-    folder = Path(run_dir(run_id)).resolve()
+    folder = run_dir(run_uid)
     if folder.is_relative_to(root) and folder.exists():
         shutil.rmtree(folder, ignore_errors=True)
         if folder.exists():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -120,10 +120,20 @@ def _prototype_summary(report: Any, side: str) -> dict[str, float]:
     }
 
 
-def _projections(name: str, emb: torch.Tensor, y: torch.Tensor, num_classes: int, settings: AnalysisSettings, tensors: dict[str, torch.Tensor]) -> Any:
+PROJECTION_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+Stage = Callable[[str], None]  # called with a line saying what the analysis is computing now
+
+
+def _no_stage(_: str) -> None:
+    pass
+
+
+def _projections(name: str, emb: torch.Tensor, y: torch.Tensor, num_classes: int, settings: AnalysisSettings, tensors: dict[str, torch.Tensor],
+                 on_stage: Stage, position: str) -> Any:
     protos = class_means(emb, y, num_classes)
     pca = None
     for method in settings.projections:
+        on_stage(f"{PROJECTION_NAMES.get(method, method)} {position}")
         proj = project_2d(emb, method=method, seed=settings.seed, prototypes=protos)
         tensors[f"{name}.{method}"] = torch.from_numpy(proj.points).float()
         tensors[f"{name}.{method}_prototypes"] = torch.from_numpy(proj.prototypes).float()
@@ -132,9 +142,14 @@ def _projections(name: str, emb: torch.Tensor, y: torch.Tensor, num_classes: int
     return pca
 
 
-def build_analysis(models: dict[str, nn.Module], checkpoints: dict[str, str], x: torch.Tensor, y: torch.Tensor, images: torch.Tensor, sample_index: torch.Tensor, class_names: list[str], settings: AnalysisSettings, out_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Compute every end-of-run view for ``models`` (teacher first) on ``x``; write JSON + safetensors."""
+def build_analysis(models: dict[str, nn.Module], checkpoints: dict[str, str], x: torch.Tensor, y: torch.Tensor, images: torch.Tensor, sample_index: torch.Tensor, class_names: list[str], settings: AnalysisSettings, out_dir: Path,
+                   on_stage: Stage = _no_stage) -> tuple[Path, dict[str, Any]]:
+    """Compute every end-of-run view for ``models`` (teacher first) on ``x``; write JSON + safetensors.
+
+    ``on_stage`` hears what is being computed ("t-SNE 2/3", "attribution maps 1/3"), for progress reports.
+    """
     num_classes = len(class_names)
+    on_stage("predictions and embeddings")
     y_np = y.cpu().numpy()
     tensors: dict[str, torch.Tensor] = {"images": images.half().cpu(), "targets": y.cpu(), "sample_index": sample_index.cpu()}
     outputs = {name: _outputs(model, x) for name, model in models.items()}
@@ -145,12 +160,12 @@ def build_analysis(models: dict[str, nn.Module], checkpoints: dict[str, str], x:
         "projections": list(settings.projections),
     }
     pcas = {}
-    for name, (logits, emb) in outputs.items():
+    for position, (name, (logits, emb)) in enumerate(outputs.items(), 1):
         tensors[f"{name}.logits"], tensors[f"{name}.embedding"] = logits, emb
         summary["accuracy"][name] = 100.0 * float((logits.argmax(1).numpy() == y_np).mean())
         conf, acc, counts, ece = calibration(F.softmax(logits, 1), y_np)
         summary["calibration"][name] = {"confidence": np.nan_to_num(conf).tolist(), "accuracy": np.nan_to_num(acc).tolist(), "counts": np.asarray(counts).tolist(), "ece": float(ece)}
-        pcas[name] = _projections(name, emb, y.cpu(), num_classes, settings, tensors)
+        pcas[name] = _projections(name, emb, y.cpu(), num_classes, settings, tensors, on_stage, f"{position}/{len(outputs)}")
         report = prototype_report(emb_t, emb, y_np, num_classes)
         side = "t" if name == "teacher" else "s"
         summary["prototypes"][name] = _prototype_summary(report, side)
@@ -168,7 +183,7 @@ def build_analysis(models: dict[str, nn.Module], checkpoints: dict[str, str], x:
                 tensors[f"joint.{name}_pca"] = torch.from_numpy(pcas["teacher"].transform(mapping(emb))).float()
                 summary.setdefault("joint_r2", {})[name] = mapping.r2
     summary["joint_space"] = "each model's embedding mapped to the teacher's width by least squares, then projected with the teacher's PCA"
-    summary["attribution"] = _attributions(models, x, y, outputs, settings, tensors)
+    summary["attribution"] = _attributions(models, x, y, outputs, settings, tensors, on_stage)
     json_path = out_dir / "analysis.json"
     tensor_path = out_dir / "analysis.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensor_path))
@@ -176,7 +191,8 @@ def build_analysis(models: dict[str, nn.Module], checkpoints: dict[str, str], x:
     return json_path, {"tensors": str(tensor_path), "split": "test", "n": summary["n"]}
 
 
-def _attributions(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], settings: AnalysisSettings, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _attributions(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], settings: AnalysisSettings, tensors: dict[str, torch.Tensor],
+                  on_stage: Stage) -> dict[str, Any]:
     k = min(settings.attribution_images, len(y))
     student = "student" if "student" in outputs else next(iter(outputs))
     pick = _attribution_order(outputs["teacher"][0].argmax(1).numpy(), outputs[student][0].argmax(1).numpy(), y.cpu().numpy(), k)
@@ -184,7 +200,8 @@ def _attributions(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor
     methods = [m for m in settings.attribution_methods if all(m in _attribution_methods(model, settings.attribution_methods) for model in models.values())]
     images, target = x[pick], y[pick]
     maps: dict[str, dict[str, torch.Tensor]] = {}
-    for name, model in models.items():
+    for position, (name, model) in enumerate(models.items(), 1):
+        on_stage(f"attribution maps {position}/{len(models)}")
         maps[name] = {}
         for method in methods:
             maps[name][method] = attribute(model, images, target, method, seed=settings.seed).float().cpu()

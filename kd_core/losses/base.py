@@ -82,11 +82,14 @@ class DistillLoss(nn.Module):
     def build(self, context: BuildContext) -> None:  # noqa: B027 - optional hook
         """Create adapters from shapes. Default: nothing to build."""
 
-    def after_step(self, loss_value: float) -> None:  # noqa: B027 - optional hook
-        """Update internal schedules after an optimizer step (TAID's t). Default: nothing."""
+    def after_step(self, loss_value: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Update internal schedules after an optimizer step (TAID's t), given this term's detached value.
 
-    def logged_values(self) -> dict[str, float]:
-        """Extra scalars to log per step next to the term's value (e.g. ``taid_t``)."""
+        It stays on the device: reading it on the host here would stall every GPU step. Default: nothing.
+        """
+
+    def logged_values(self) -> dict[str, torch.Tensor | float]:
+        """Extra scalars to log per step next to the term's value (e.g. ``taid_t``); tensors are fine."""
         return {}
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:  # pragma: no cover - abstract

@@ -18,6 +18,7 @@ from torch import nn
 from kd_core.losses.base import BuildContext, DistillLoss, LossInputs, register_loss
 
 _NCE_EPS = 1e-7  # RepDistiller ``ContrastLoss`` eps
+PAPER_NEGATIVES = 16384  # K in RepDistiller ``train_student.py`` (``--nce_k``)
 
 
 class Embed(nn.Module):
@@ -66,8 +67,8 @@ def crd_scores(anchor: torch.Tensor, bank_rows: torch.Tensor, temperature: float
 class CRD(DistillLoss):
     """Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020.
 
-    Defaults from RepDistiller ``train_student.py``: 128-d heads, K=16384 negatives (clamped to N−1 for
-    small datasets), τ=0.07, memory momentum 0.5; used with term weight 0.8 and CE 1 on CIFAR-100. The
+    Defaults from RepDistiller ``train_student.py``: 128-d heads, K=16384 negatives (``num_negatives``
+    left empty: min(16384, N−1); a value above N−1 is refused), τ=0.07, memory momentum 0.5; used with term weight 0.8 and CE 1 on CIFAR-100. The
     normalization constants Z are estimated at the first training call (``mean(score)·N``) and then frozen,
     as in the official ``ContrastMemory``; banks and Z are buffers so a resume continues with them.
     Negatives come from the global torch RNG (seeded by the engine).
@@ -87,7 +88,7 @@ class CRD(DistillLoss):
     def __init__(
         self,
         embed_dim: int = 128,
-        num_negatives: int = 16384,
+        num_negatives: int | None = None,
         temperature: float = 0.07,
         momentum: float = 0.5,
     ) -> None:
@@ -105,7 +106,13 @@ class CRD(DistillLoss):
         if context.num_train < 2:
             raise ValueError("loss 'crd' needs at least 2 training samples")
         self.num_train = context.num_train
-        self.num_negatives = min(self.num_negatives, context.num_train - 1)
+        if self.num_negatives is None:  # the paper's K, or every other sample when the training set is smaller
+            self.num_negatives = min(PAPER_NEGATIVES, context.num_train - 1)
+        elif self.num_negatives > context.num_train - 1:
+            raise ValueError(
+                f"num_negatives is {self.num_negatives} but the training set has only {context.num_train} samples; "
+                f"use at most {context.num_train - 1}, or leave it empty for min(16384, samples − 1)"
+            )
         self.embed_student = Embed(context.student.embedding_dim, self.embed_dim)
         self.embed_teacher = Embed(context.teacher.embedding_dim, self.embed_dim)
         # RepDistiller init: uniform in ±1/sqrt(dim/3) (unit expected norm), not re-normalized

@@ -266,23 +266,20 @@ class TAIDSchedule(nn.Module):
         """The non-adaptive floor ``t_start + (t_end − t_start)·step/total_steps``."""
         return self.t_start + (self.t_end - self.t_start) * step / max(total_steps, 1)
 
-    def update(self, loss_value: float, step: int, total_steps: int) -> float:
-        """Advance t after an optimizer step; returns the new t."""
+    def update(self, loss_value: torch.Tensor | float, step: int, total_steps: int) -> None:
+        """Advance t after an optimizer step, on the device and without waiting for it (no host sync)."""
         t_lin = self.linear_target(step, total_steps)
         if not self.adaptive:
             self.t.fill_(min(self.t_end, t_lin))
-            return float(self.t)
-        prev = float(self.prev_loss)
-        self.prev_loss.fill_(loss_value)
-        if math.isinf(prev):
-            return float(self.t)
-        rel = (prev - loss_value) / (prev + 1e-15)
-        momentum = self.beta * float(self.momentum) + (1.0 - self.beta) * rel
-        self.momentum.fill_(momentum)
-        t = float(self.t)
-        delta = self.alpha * (1.0 / (1.0 + math.exp(-momentum))) * (1.0 - t)
-        self.t.fill_(min(self.t_end, max(t_lin, t + delta)))
-        return float(self.t)
+            return
+        loss = torch.as_tensor(loss_value, dtype=self.prev_loss.dtype, device=self.prev_loss.device).detach()
+        seen = torch.isfinite(self.prev_loss)  # the first call only stores the loss
+        rel = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
+        momentum = self.beta * self.momentum + (1.0 - self.beta) * rel
+        t = (self.t + self.alpha * torch.sigmoid(momentum) * (1.0 - self.t)).clamp(min=t_lin).clamp(max=self.t_end)
+        self.momentum.copy_(torch.where(seen, momentum, self.momentum))
+        self.t.copy_(torch.where(seen, t, self.t))
+        self.prev_loss.copy_(loss)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -510,11 +507,11 @@ class TAID(DistillLoss):
         self._step, self._total_steps = inputs.step, inputs.total_steps
         return taid_loss(inputs.student_logits, inputs.teacher_logits, self.schedule.t)
 
-    def after_step(self, loss_value: float) -> None:
+    def after_step(self, loss_value: torch.Tensor) -> None:
         self.schedule.update(loss_value, self._step, self._total_steps)
 
-    def logged_values(self) -> dict[str, float]:
-        return {"taid_t": float(self.schedule.t)}
+    def logged_values(self) -> dict[str, torch.Tensor]:
+        return {"taid_t": self.schedule.t.detach().clone()}
 
 
 @register_loss

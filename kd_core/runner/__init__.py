@@ -26,11 +26,11 @@ from kd_core.runner.base import (
     HOST,
     SLOT_STATUSES,
     STALE_HEARTBEAT_S,
-    WORKER_LOST,
     Executor,
     Probe,
     heartbeat_age,
     log_path_for,
+    lost_worker_reason,
     tail_text,
     warn,
     with_log_tail,
@@ -73,8 +73,9 @@ def executor_for(run: RunRecord) -> Executor:
 def submit(store: Store, config: ExperimentConfig | dict[str, Any], *, parent_id: int | None = None) -> int:
     """Queue a run of ``config`` and start it if a slot is free; returns its id at once."""
     from kd_core.config import validate_config
+    from kd_core.teachers import run_teachers_in
 
-    config = validate_config(config)  # a dict from a form is checked here; ConfigError names the fields
+    config = validate_config(config, run_teachers=run_teachers_in(store))  # ConfigError names the fields
     run_id = store.create_run(config.name, config.model_dump(mode="json"), status="queued", parent_id=parent_id)
     dispatch(store, get_executor())
     return run_id
@@ -122,7 +123,7 @@ def resume(store: Store, run_id: int) -> None:
 def read_log(store: Store, run_id: int, tail_lines: int = 200) -> str:
     """The last ``tail_lines`` lines of the run's worker log (stdout and stderr)."""
     run = store.get_run(run_id)
-    text = tail_text(run.log_path or log_path_for(run_id), tail_lines)
+    text = tail_text(run.log_path or log_path_for(run), tail_lines)
     if text is None and run.executor_ref:
         try:
             text = executor_for(run).fallback_log(run, tail_lines)
@@ -178,7 +179,7 @@ def dispatch(store: Store, executor: Executor) -> list[int]:
             if len(started) >= free:
                 break
             claim = {"executor": executor.name, "host": HOST, "heartbeat_at": time.time(), "pid": None,
-                     "executor_ref": None, "error": None, "finished_at": None, "log_path": str(log_path_for(run.id))}
+                     "executor_ref": None, "error": None, "finished_at": None, "log_path": str(log_path_for(run))}
             if not store.transition(run.id, "queued", "starting", **claim):
                 continue  # someone else took it, or it was cancelled meanwhile
             try:
@@ -226,8 +227,8 @@ def _settle(store: Store, run: RunRecord, executor: Executor, now: float) -> boo
         return False
     if probe.stop:
         executor.kill(run)
-    reason = probe.reason or f"{WORKER_LOST}: no heartbeat for {age:.0f} s and its process (pid {run.pid} on {run.host}) is gone"
-    return store.transition(run.id, run.status, "failed", finished_at=now, error=with_log_tail(reason, run.log_path))
+    error = with_log_tail(probe.reason, run.log_path) if probe.reason else lost_worker_reason(run, age)
+    return store.transition(run.id, run.status, "failed", finished_at=now, error=error)
 
 
 def _settle_cancelling(store: Store, run: RunRecord, executor: Executor, now: float) -> bool:

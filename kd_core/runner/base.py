@@ -40,6 +40,8 @@ HEARTBEAT_INTERVAL_S = 2.0  # worker thread; well under the staleness limit so o
 STALE_HEARTBEAT_S = 10.0  # a running run whose heartbeat is older than this *and* whose process is gone has died
 CANCEL_GRACE_S = 10.0  # SIGTERM -> SIGKILL
 WORKER_LOST = "worker stopped without reporting"
+EXIT_MARK = "=== worker ended:"  # the worker's last log line says how it ended; its absence means it was killed
+FATAL_MARK = "Fatal Python error:"  # faulthandler's first line after a native crash (SIGSEGV, SIGBUS, SIGFPE, SIGABRT)
 LOG_NAME = "worker.log"
 ERROR_LOG_LINES = 40  # log lines appended to run.error when a run fails
 
@@ -147,8 +149,8 @@ def worker_env(store: Store) -> dict[str, str]:
     }
 
 
-def log_path_for(run_id: int) -> Path:
-    return run_dir(run_id).expanduser().resolve() / LOG_NAME
+def log_path_for(run: RunRecord) -> Path:
+    return run_dir(run.uid) / LOG_NAME
 
 
 # --------------------------------------------------------------------------- logs
@@ -176,6 +178,21 @@ def with_log_tail(message: str, log_path: str | Path | None) -> str:
     if not tail or not tail.strip():
         return message
     return f"{message}\n\n--- last lines of {Path(str(log_path)).name} ---\n{tail}"
+
+
+def lost_worker_reason(run: RunRecord, age: float) -> str:
+    """Why a run's worker is gone, read from the end of its log, followed by that end."""
+    tail = tail_text(run.log_path, ERROR_LOG_LINES) or ""
+    fatal = next((line for line in tail.splitlines() if line.startswith(FATAL_MARK)), None)
+    where = f"pid {run.pid} on {run.host}"
+    if fatal:
+        reason = f"the worker ({where}) crashed: {fatal.removeprefix(FATAL_MARK).strip()}; Python's stack at the crash is in its log"
+    elif EXIT_MARK in tail:
+        reason = f"{WORKER_LOST}: the worker ({where}) ended but could not record the outcome; see its log"
+    else:
+        reason = (f"the worker ({where}) vanished without a word: it was killed from outside (kill -9) or by the kernel's "
+                  f"out-of-memory killer (see `dmesg`); no heartbeat for {age:.0f} s")
+    return with_log_tail(reason + ". `resume` continues from its last checkpoint", run.log_path)
 
 
 def heartbeat_age(run: RunRecord, now: float | None = None) -> float:

@@ -92,7 +92,7 @@ class LocalExecutor(Executor):
         return sum(1 for r in active if (r.executor or "local") in PROCESS_EXECUTORS and (r.host in (None, HOST)))
 
     def launch(self, store: Store, run: RunRecord) -> None:
-        log_path = log_path_for(run.id)
+        log_path = log_path_for(run)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **worker_env(store)}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)

@@ -76,7 +76,7 @@ class RayExecutor(Executor):
         return sum(1 for r in active if r.executor == self.name)
 
     def launch(self, store: Store, run: RunRecord) -> None:
-        log_path = log_path_for(run.id)
+        log_path = log_path_for(run)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = worker_env(store)
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})

@@ -4,10 +4,15 @@ It reads the config from the database, beats a heartbeat from a thread (so a lon
 mistaken for death), reports progress and metrics through :class:`storage.RunSink`, and always ends the
 run itself: ``completed``, ``failed`` (error + log tail) or ``cancelled`` (after a checkpoint). Then it
 starts the next queued run, so the queue drains without a daemon.
+
+How it ended is the log's last line (:data:`~kd_core.runner.base.EXIT_MARK`). A native crash leaves
+Python's stack in the log through :mod:`faulthandler`; a worker killed without a word (kill -9, the
+kernel's OOM killer) leaves neither, and :func:`kd_core.runner.reconcile` says so.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -17,7 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kd_core.runner.base import HEARTBEAT_INTERVAL_S, HOST, log_path_for, warn, with_log_tail
+from kd_core.runner.base import EXIT_MARK, HEARTBEAT_INTERVAL_S, HOST, log_path_for, warn, with_log_tail
 
 if TYPE_CHECKING:
     from storage import Store
@@ -109,20 +114,23 @@ def log(message: str) -> None:
 class Outcome:
     status: str  # completed | failed | cancelled
     error: str | None = None
+    how: str = "normally"  # how the worker ended: normally, by an exception, by a signal it caught
 
 
 def main(run_id: int, db_url: str | None = None) -> int:
     flag = StopFlag()
     install_signal_handlers(flag)  # first: a cancel during start-up must not kill us before we can report
+    faulthandler.enable(file=sys.stderr, all_threads=True)  # stderr is the run's log: a native crash leaves its stack there
     from storage import Store
 
     store = Store(db_url)
+    first_attempt = store.get_run(run_id).started_at is None  # before claim() records this start
     if not claim(store, run_id, flag):
         return 0
     heartbeat = Heartbeat(store, run_id, flag)
     heartbeat.start()
     try:
-        outcome = train(store, run_id, flag)
+        outcome = train(store, run_id, flag, first_attempt)
     finally:
         heartbeat.stop()  # before the final write, so nothing touches the run after it ends
     finish(store, run_id, outcome)
@@ -147,47 +155,59 @@ def claim(store: Store, run_id: int, flag: StopFlag) -> bool:
     return False
 
 
-def train(store: Store, run_id: int, flag: StopFlag) -> Outcome:
-    log_path = store.get_run(run_id).log_path or log_path_for(run_id)
+def train(store: Store, run_id: int, flag: StopFlag, first_attempt: bool) -> Outcome:
+    run = store.get_run(run_id)
+    log_path = run.log_path or log_path_for(run)
     try:
-        return _train(store, run_id, flag)
+        return _train(store, run_id, flag, first_attempt)
     except KeyboardInterrupt:
-        return Outcome("cancelled")
+        return Outcome("cancelled", how="by an interrupt")
     except Exception as exc:  # noqa: BLE001 - any error fails this run alone, with the reason recorded
         traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        return Outcome("failed", with_log_tail(f"{exc.__class__.__name__}: {exc}", log_path))
+        return Outcome("failed", with_log_tail(f"{exc.__class__.__name__}: {exc}", log_path), how=f"by an exception ({exc.__class__.__name__})")
 
 
-def _train(store: Store, run_id: int, flag: StopFlag) -> Outcome:
+def _train(store: Store, run_id: int, flag: StopFlag, first_attempt: bool) -> Outcome:
     import torch
 
     from storage import RunSink
 
     from kd_core.config import validate_config
+    from kd_core.engine import CHECKPOINT, StopRequested, run_experiment
     from kd_core.settings import run_dir
-    from kd_core.train import CHECKPOINT, StopRequested, run_experiment
+    from kd_core.teachers import run_teachers_in
 
     threads = os.environ.get("DISTILLERY_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
     run = store.get_run(run_id)
     config = validate_config(run.config)
-    directory = run_dir(run_id)
-    resume = (directory / CHECKPOINT).exists()
+    directory = run_dir(run.uid)
+    # only a run that was started before continues from a checkpoint, and only from one that proves to be its own
+    resume = not first_attempt and (directory / CHECKPOINT).exists()
     if not resume:
         discard_all_metrics(store, run_id)  # a restart from scratch must not duplicate an earlier attempt's rows
-    log(f"run {run_id} ({config.name}) on {HOST}, pid {os.getpid()}, " + ("resuming from its checkpoint" if resume else "from scratch"))
+    log(f"run {run_id} ({config.name}, uid {run.uid}) on {HOST}, pid {os.getpid()}, " + ("resuming from its checkpoint" if resume else "from scratch"))
     if flag.is_set():
-        return Outcome("cancelled")
+        return Outcome("cancelled", how=f"on request ({flag.reason})")
     try:
-        summary = run_experiment(config, LoggingSink(RunSink(store, run_id)), directory, stop_requested=flag.is_set, resume=resume)
+        summary = run_experiment(config, LoggingSink(RunSink(store, run_id)), directory, stop_requested=flag.is_set, resume=resume,
+                                 run_teachers=run_teachers_in(store), run_uid=run.uid, analysis_estimate_s=analysis_estimate(store, run))
     except StopRequested:
         log(f"stopped ({flag.reason}); checkpoint saved, `resume` continues from it")
-        return Outcome("cancelled")
+        return Outcome("cancelled", how=f"on request ({flag.reason})")
     log("completed: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return Outcome("completed")
+
+
+def analysis_estimate(store: Store, run: Any, recent: int = 5) -> float | None:
+    """Median end-of-run analysis time of the latest runs with the same analysis, data and models; None if none."""
+    same = ("analysis", "dataset", "teacher", "student")
+    times = [r.summary["analysis_s"] for r in store.list_runs(status="completed", include_hidden=True, limit=200)
+             if isinstance(r.summary.get("analysis_s"), (int, float)) and all(r.config.get(k) == run.config.get(k) for k in same)][:recent]
+    return sorted(times)[len(times) // 2] if times else None
 
 
 def discard_all_metrics(store: Store, run_id: int) -> None:
@@ -196,11 +216,16 @@ def discard_all_metrics(store: Store, run_id: int) -> None:
 
 
 def finish(store: Store, run_id: int, outcome: Outcome) -> None:
-    fields: dict[str, Any] = {"finished_at": time.time(), "error": outcome.error}
+    try:
+        progress = {**store.get_run(run_id).progress, "finished": True, "ended": f"{outcome.status}, {outcome.how}"}
+    except KeyError:
+        log(f"{EXIT_MARK} run {run_id} {outcome.status}, {outcome.how} (the run was deleted meanwhile)")
+        return
+    fields: dict[str, Any] = {"finished_at": time.time(), "error": outcome.error, "progress": progress}
     # a run cancelled while finishing its last step still counts as what actually happened
     if not store.transition(run_id, ["running", "cancelling"], outcome.status, **fields):
         warn(f"run {run_id} was no longer running (status {store.get_run(run_id).status}); left it as is")
-    log(f"run {run_id}: {outcome.status}")
+    log(f"{EXIT_MARK} run {run_id} {outcome.status}, {outcome.how}")
 
 
 def start_next(store: Store) -> None:
