@@ -219,6 +219,10 @@ class Experiment:
         progress.trained_s += now - self._clock
         self._clock = now
 
+    def trained_s(self, progress: Progress) -> float:
+        """Time trained so far, across resumes, without moving the clock."""
+        return round(progress.trained_s + time.monotonic() - self._clock, 1)
+
     def save_checkpoint(self, progress: Progress, phase_state: dict[str, Any] | None = None) -> None:
         self.logger.flush()  # also the non-finite check: a diverged state is never checkpointed
         self.tick(progress)
@@ -330,7 +334,7 @@ class PhaseRun:
             values["images_per_s"] = len(idx) / max(time.perf_counter() - t0, 1e-9)
             exp.logger.log(self.phase.name, progress.step, epoch, values)
             exp.reporter.images_seen += len(idx)
-            exp.reporter.training(self.phase, progress, self.steps_per_epoch, self.teacher_mode)
+            exp.reporter.training(self.phase, progress, self.steps_per_epoch, {**self.teacher_mode, "trained_s": exp.trained_s(progress)})
             for callback in on_step:
                 callback.on_step(self, idx)
             if exp.stop_requested():
