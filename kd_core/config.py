@@ -39,7 +39,14 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _printable(value: str) -> str:
+    """Text that ends up in paths and databases: no NUL or other control characters (PostgreSQL refuses NUL)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters (such as NUL or a line break)")
+    return value
 
 
 class OptimizerConfig(_Strict):
@@ -71,8 +78,15 @@ class DatasetConfig(_Strict):
     root: str = Field(default_factory=default_dataset_root, description="where datasets are downloaded or looked for")
     val_fraction: float = Field(0.1, ge=0, le=0.5)
     augment: bool = False
-    subset: int | None = Field(None, ge=20, description="cap on training images, for quick runs")
+    subset: int | None = Field(None, ge=20, le=100_000_000, description="cap on training images, for quick runs")
     image_size: int | None = Field(None, ge=8, le=512, description="resize for imagefolder datasets")
+
+    @field_validator("root")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("give a folder (or leave the key out for the default)")
+        return _printable(value)
 
     @field_validator("name")
     @classmethod
@@ -107,6 +121,7 @@ class TeacherConfig(TrainingConfig):
     @field_validator("source")
     @classmethod
     def _valid_source(cls, value: str) -> str:
+        _printable(value)
         if not TEACHER_SOURCE.match(value):
             raise ValueError(f"{value!r} is not a teacher source; allowed: train, random, torchvision, run:<id>, file:<path>")
         return value
@@ -136,7 +151,7 @@ class AnalysisConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", min_length=1, max_length=200)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="forward passes: auto = bf16 on GPUs that support it, fp32 on CPU; loss terms are always fp32"
@@ -149,6 +164,8 @@ class ExperimentConfig(_Strict):
     cache_teacher: bool = Field(True, description="compute teacher outputs once when nothing makes them vary")
     checkpoint_every_s: float = Field(60.0, ge=1, description="also checkpoint mid-epoch this often")
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+
+    _name = field_validator("name")(_printable)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -164,13 +181,15 @@ def config_fingerprint(config: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("recipe", 1, "params", "t")`` -> ``recipe[1].params.t``; a key that is not plain text is shown quoted."""
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
         elif not str(part).startswith("function-"):
-            path += f".{part}" if path else str(part)
+            text = str(part) if str(part).isprintable() and not any(c in str(part) for c in " .[]:") else repr(str(part))
+            path += f".{text}" if path else text
     return path
 
 
@@ -275,7 +294,7 @@ def validate_config(data: dict[str, Any] | ExperimentConfig, *, run_teachers: Ru
     try:
         config = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        errors = [(_field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        errors = [(field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
         teacher = _missing_teacher(data)
         raise ConfigError(teacher + [e for e in errors if not (teacher and e[0] == "teacher")]) from None
     errors = _recipe_errors(config) + _source_errors(config, run_teachers)
