@@ -94,7 +94,7 @@ class DataSplits:
 
 def load_dataset(
     name: str,
-    root: str = "distillery-data/datasets",
+    root: str | None = None,
     *,
     val_fraction: float = 0.0,
     subset: int | None = None,
@@ -106,7 +106,9 @@ def load_dataset(
         info = DATASETS[name]
     except KeyError:
         raise KeyError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
-    train_x, train_y, test_x, test_y, class_names = _load_arrays(name, root, image_size)
+    from kd_core.settings import default_dataset_root
+
+    train_x, train_y, test_x, test_y, class_names = _load_arrays(name, root or default_dataset_root(), image_size)
     rng = np.random.default_rng(seed)
     if subset is not None and subset < len(train_y):
         keep = _stratified_pick(train_y, subset, rng)
