@@ -285,6 +285,27 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("methods", "every method and loss term: what it does, its paper and its parameters with defaults")
+def cmd_methods(args: argparse.Namespace) -> int:
+    from kd_core.losses import describe_loss, loss_names
+    from kd_core.methods import METHODS, describe_method
+
+    def show(info: dict[str, Any]) -> None:
+        params = ", ".join(f"{k}={v!r}" for k, v in info["params"].items()) or "no parameters"
+        print(f"  {info['name']:<16} {info['summary']}")
+        print(f"  {'':<16} {params}" + (f"\n  {'':<16} {info['paper']}" if info.get("paper") else ""))
+        if info.get("caveat"):
+            print(f"  {'':<16} note: {info['caveat']}")
+
+    print("methods (config key `method: {name: NAME, params: {...}}`; they change the training loop):")
+    for name in sorted(METHODS):
+        show(describe_method(name))
+    print("\nloss terms (config key `recipe: [{loss: NAME, weight: W, params: {...}}]`):")
+    for name in loss_names():
+        show(describe_loss(name))
+    return 0
+
+
 @command("supervise", "keep the queue moving without a dashboard: notice dead workers, start queued runs (Ctrl-C stops)")
 def cmd_supervise(args: argparse.Namespace) -> int:
     from kd_core.runner.supervisor import Supervisor
@@ -306,6 +327,9 @@ def cmd_work(args: argparse.Namespace) -> int:
     from kd_core.runner.worker import main as work
 
     return work(args.run_id, args.db)
+
+
+OFFLINE_COMMANDS = ("work", "methods")  # no database involved (the worker reconciles itself when it ends)
 
 
 def reconcile_first(args: argparse.Namespace) -> None:
@@ -340,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "work":
         return args.func(args)  # before any heavy import; see the module docstring
     try:
-        reconcile_first(args)
+        if args.command not in OFFLINE_COMMANDS:
+            reconcile_first(args)
         return args.func(args)
     except BrokenPipeError:  # `runs | head` closed the pipe: end quietly, like other command-line tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

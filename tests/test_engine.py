@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from kd_core.config import validate_config
 from kd_core.engine import Callback, PhaseRun, StopRequested, TrainingError, run_experiment
+from kd_core.methods import Batch
 from kd_core.sink import MemorySink
 
 GOLDEN = Path(__file__).parent / "golden" / "mnist5k_kd_small.json"
@@ -208,7 +209,7 @@ def test_loss_terms_run_in_float32_when_forward_passes_are_bf16(tmp_path: Path) 
     idx = torch.arange(32)
     x, y = experiment.data.train_x[idx], experiment.data.train_y[idx]
     rng, states = torch.get_rng_state(), [copy.deepcopy(loss.state_dict()) for loss in phase.step.losses]
-    inputs, terms = phase.step.compute_terms(x, y, idx, epoch=0, step=0, total_steps=10)
+    inputs, terms = phase.step.compute_terms(Batch(x, y, idx), epoch=0, step=0, total_steps=10)
     assert inputs.student_logits.dtype == torch.float32 and all(s.dtype == torch.float32 for s in inputs.student_stages or [])
     torch.set_rng_state(rng)  # CRD draws negatives and updates its banks: replay it from the same state
     for key, loss, state in zip(phase.step.keys, phase.step.losses, states):
