@@ -97,8 +97,13 @@ def with_default_params(config: ExperimentConfig) -> ExperimentConfig:
         term.params = {name: term.params.get(name, default) for name, default in defaults.items()}  # required ones were checked
     if config.method is not None:
         defaults = describe_method(config.method.name)["params"]
-        config.method.params = {name: config.method.params.get(name, default) for name, default in defaults.items()}
+        config.method.params = {name: _plain(config.method.params.get(name, default)) for name, default in defaults.items()}
     return config
+
+
+def _plain(value: Any) -> Any:
+    """As YAML and JSON give it back (a tuple default becomes a list), so a stored config round-trips."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def missing_teacher(data: dict[str, Any]) -> Errors:

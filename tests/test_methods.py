@@ -68,7 +68,7 @@ def test_unknown_methods_and_parameters_are_refused_with_the_field() -> None:
     with pytest.raises(ConfigError, match="dataset.val_fraction"):
         validate_config(small(method={"name": "dho"}, dataset={"name": "digits", "val_fraction": 0.0}))
     stored = validate_config(small(method={"name": "dho"})).method
-    assert stored.params["temperatures"] == (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)  # defaults written into the stored config
+    assert stored.params["temperatures"] == [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0]  # defaults written into the stored config
 
 
 # --------------------------------------------------------------------------- DHO
