@@ -141,3 +141,16 @@ def test_dho_student_accuracy_is_the_blend_of_the_best_epoch(dho_run: tuple[Memo
     best = load_file(str(out / "student_best_method.safetensors"))
     assert any(torch.equal(best["alpha"], e["method"]["alpha"]) and torch.equal(best["kd_head.weight"], e["method"]["kd_head.weight"])
                for e in watcher.epochs)
+
+
+def test_a_dho_run_through_the_worker_logs_both_heads_and_the_blend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.worker_runs import metric, train_in_worker
+
+    config = validate_config(turned_down(Path("configs/methods/mnist5k_dho.yaml")))
+    store, run = train_in_worker(config, tmp_path, monkeypatch)
+    blend_acc, ce_head, kd_head = (metric(store, run, f"val/dho_{k}_top1") for k in ("blend", "ce_head", "kd_head"))
+    # alpha = 1 and alpha = 0 are in the grid: the blend chosen on validation is never worse there than either head
+    assert len(blend_acc) == config.student.epochs and all(b >= max(c, k) - 1e-9 for b, c, k in zip(blend_acc, ce_head, kd_head))
+    assert metric(store, run, "val/top1") == blend_acc  # the student's validation accuracy is the blend's
+    assert run.summary["student_acc"] is not None and run.summary["recipe_extra_params"] > 0
+
