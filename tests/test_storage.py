@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from storage import ArtifactRecord, RunRecord, RunSink, Store, default_db_url
 from storage.db import forget_migrations, run_migrations
-from storage.store import bucket_width
+from storage.metrics import bucket_width
 
 HEAD_REVISION = "0002_run_uid"  # the newest file in storage/migrations/versions
 
