@@ -2,20 +2,22 @@
 
 Buckets are power-of-two wide and aligned at step 0 (:func:`bucket_width`), so a bucket ``[k*w, (k+1)*w)``
 never changes once a later step was logged: a live chart keeps the complete buckets and fetches only the
-tail (:meth:`MetricsMixin.metric_buckets` with ``since_step``). The dashboard never pulls millions of rows
-into pandas.
+tail (:meth:`MetricsMixin.metric_buckets` with ``since_step``). Buckets of 16 steps and wider are merged
+from pre-aggregated ones (:mod:`storage.rollups`), so no chart aggregates millions of rows.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, Integer, Select, delete, func, insert, literal_column, select, text
+from sqlalchemy import Engine, Integer, Select, delete, func, insert, literal_column, select
 from sqlalchemy.engine import Connection
 
+from storage import rollups
 from storage.records import _as_str_list
 from storage.schema import metrics
 
@@ -25,8 +27,6 @@ FRAME_COLUMNS = ["phase", "step", "epoch", "key", "value", "time"]
 # metric_buckets: ``start`` is the bucket's first step (a multiple of the width), ``n_values``
 # the non-NULL values the mean is over (needed to merge buckets exactly)
 BUCKET_COLUMNS = ["start", "step", "epoch", "value", "min", "max", "count", "n_values", "time"]
-# above this many buckets one tail query uses GROUP BY instead of one index probe per bucket
-_PROBE_MAX_BUCKETS = 20_000
 
 
 def bucket_width(min_step: int, max_step: int, max_points: int) -> int:
@@ -47,19 +47,6 @@ def bucket_width(min_step: int, max_step: int, max_points: int) -> int:
     return w
 
 
-def _parse_packed(packed: str) -> tuple[Any, ...]:
-    """One bucket packed by SQLite's ``quote(..)||','||..`` (exact: quote() prints reals with 20 digits)."""
-    out: list[Any] = []
-    for i, part in enumerate(packed.split(",")):
-        if part == "NULL":
-            out.append(None)
-        elif i in (0, 1, 5, 6):  # step, epoch, count, n_values
-            out.append(int(part))
-        else:
-            out.append(float(part))
-    return tuple(out)
-
-
 def _metric_row(run_id: int, row: Mapping[str, Any], now: float) -> dict[str, Any]:
     """Coerce one metrics-sink row into column values (numpy/torch scalars -> float)."""
     try:
@@ -72,7 +59,8 @@ def _metric_row(run_id: int, row: Mapping[str, Any], now: float) -> dict[str, An
             "step": int(row["step"]),
             "epoch": None if epoch is None else int(epoch),
             "key": str(row["key"]),
-            "value": None if value is None else float(value),
+            # NaN and ±inf are stored as missing, on every backend alike (SQLite would turn NaN into NULL anyway)
+            "value": None if value is None or not math.isfinite(float(value)) else float(value),
             "time": now if t is None else float(t),
         }
     except KeyError as exc:
@@ -121,6 +109,7 @@ class MetricsMixin:
         params = [_metric_row(run_id, r, now) for r in rows]
         with self.engine.begin() as conn:
             conn.execute(insert(metrics), params)
+            rollups.add_rows(conn, run_id, params)
 
     def metric_keys(self, run_id: int) -> list[tuple[str, str]]:
         """Distinct ``(phase, key)`` pairs logged for the run, sorted."""
@@ -242,42 +231,12 @@ class MetricsMixin:
         first -= first % width  # floor to the bucket start (also for negative steps)
         if first > hi:
             return _typed_frame([], BUCKET_COLUMNS)
-        n_buckets = (hi - first) // width + 1
-        if self.engine.dialect.name == "sqlite" and n_buckets <= _PROBE_MAX_BUCKETS:
-            records = self._buckets_probed(conn, run_id, key, phase, width, first, hi)
-        else:
-            stmt = self._bucket_stmt(run_id, key, phase, width, first)
-            records = [tuple(r) for r in conn.execute(stmt)]
+        if rollups.finest_width(width) is not None:  # wide buckets: merge the pre-aggregated ones
+            merged = rollups.read_buckets(conn, run_id, key, phase, width, first)
+            return _typed_frame(merged.itertuples(index=False), BUCKET_COLUMNS)
+        # narrow buckets mean a short series (under 16 × max_points rows): aggregate the rows themselves
+        records = [tuple(r) for r in conn.execute(self._bucket_stmt(run_id, key, phase, width, first))]
         return _typed_frame(records, BUCKET_COLUMNS)
-
-    @staticmethod
-    def _buckets_probed(
-        conn: Connection, run_id: int, key: str, phase: str, width: int, first: int, hi: int
-    ) -> list[tuple[Any, ...]]:
-        """SQLite: one index range probe per bucket instead of ``GROUP BY``.
-
-        SQLite has no hash aggregate: ``GROUP BY step / w`` sorts every row in a temp
-        B-tree (about 40% of the time for 2M rows).  Walking the bucket starts with a
-        recursive CTE and aggregating each ``step`` range in a correlated subquery reads
-        the rows in index order with no sort.  The subquery packs its aggregates into
-        one text value with ``quote()``, which prints reals with enough digits to
-        round-trip exactly.
-        """
-        sql = text(
-            "WITH RECURSIVE b(s) AS (SELECT :first UNION ALL SELECT s + :w FROM b WHERE s + :w <= :hi) "
-            "SELECT s, (SELECT quote(min(step)) || ',' || quote(min(epoch)) || ',' || quote(avg(value))"
-            " || ',' || quote(min(value)) || ',' || quote(max(value)) || ',' || count(*)"
-            " || ',' || count(value) || ',' || quote(min(time))"
-            " FROM metrics WHERE run_id = :run AND key = :key AND phase = :phase"
-            " AND step >= s AND step < s + :w) FROM b"
-        )
-        params = {"first": first, "w": width, "hi": hi, "run": run_id, "key": key, "phase": phase}
-        out: list[tuple[Any, ...]] = []
-        for s, packed in conn.execute(sql, params):
-            vals = _parse_packed(packed)
-            if vals[5]:  # count > 0
-                out.append((int(s), *vals))
-        return out
 
     def _unbucketed(
         self, conn: Connection, run_id: int, key: str, phase: str | None
@@ -359,4 +318,6 @@ class MetricsMixin:
             metrics.c.run_id == run_id, metrics.c.phase == phase, metrics.c.step > int(step)
         )
         with self.engine.begin() as conn:
-            return int(conn.execute(stmt).rowcount)
+            deleted = int(conn.execute(stmt).rowcount)
+            rollups.rebuild_after(conn, run_id, phase, int(step))
+        return deleted

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from storage.db import SQLITE_BEGIN_OPTION
 from storage.records import RunRecord, _as_str_list, _normalise_run_fields, _row_to_run, to_jsonable
-from storage.schema import artifacts, metrics, runs
+from storage.schema import artifacts, metric_rollups, metrics, runs
 
 
 class RunsMixin:
@@ -157,6 +157,7 @@ class RunsMixin:
                 )
             ]
             conn.execute(delete(metrics).where(metrics.c.run_id == run_id))
+            conn.execute(delete(metric_rollups).where(metric_rollups.c.run_id == run_id))
             conn.execute(delete(artifacts).where(artifacts.c.run_id == run_id))
             conn.execute(update(runs).where(runs.c.parent_id == run_id).values(parent_id=None))
             result = conn.execute(delete(runs).where(runs.c.id == run_id))
