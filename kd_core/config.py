@@ -214,6 +214,8 @@ def validate_config(data: dict[str, Any] | ExperimentConfig, *, run_teachers: Ru
         data = data.model_dump()
     if not isinstance(data, dict):
         raise ConfigError([("(top level)", "a config is a mapping of fields, e.g. name:, teacher:, student:, recipe:")])
+    if "sweep" in data:
+        raise ConfigError([("sweep", "this config is a sweep (several runs): launch it with `python -m kd_core sweep FILE` or the form's sweep")])
     try:
         config = ExperimentConfig.model_validate(data)
     except ValidationError as exc:

@@ -109,6 +109,10 @@ def load_dataset(
     from kd_core.settings import default_dataset_root
 
     train_x, train_y, test_x, test_y, class_names = _load_arrays(name, root or default_dataset_root(), image_size)
+    # normalization constants of the dataset's whole training split: the same for every run on it, whatever
+    # its seed, subset or validation hold-out, so a teacher reused by another run sees the inputs it was trained on
+    mean = train_x.mean(axis=(0, 2, 3))
+    std = train_x.std(axis=(0, 2, 3)) + 1e-6
     rng = np.random.default_rng(seed)
     if subset is not None and subset < len(train_y):
         keep = _stratified_pick(train_y, subset, rng)
@@ -116,8 +120,6 @@ def load_dataset(
     val_idx = _stratified_pick(train_y, int(round(val_fraction * len(train_y))), rng) if val_fraction > 0 else np.array([], dtype=int)
     train_mask = np.ones(len(train_y), dtype=bool)
     train_mask[val_idx] = False
-    mean = train_x[train_mask].mean(axis=(0, 2, 3))
-    std = train_x[train_mask].std(axis=(0, 2, 3)) + 1e-6
 
     def tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((x - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32))

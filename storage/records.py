@@ -43,6 +43,18 @@ class RunRecord:
     progress: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     hidden: bool = False
+    sweep_id: int | None = None  # the sweep that launched the run
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """Immutable snapshot of one row of ``sweeps``: ``spec`` holds the base config and the swept values."""
+
+    id: int
+    uid: str
+    name: str
+    spec: dict[str, Any]
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,7 @@ def _row_to_run(row: Row) -> RunRecord:
         progress=dict(m["progress"] or {}),
         tags=list(m["tags"] or []),
         hidden=bool(m["hidden"]),
+        sweep_id=m["sweep_id"],
     )
 
 

@@ -38,6 +38,7 @@ class RunsMixin:
         config: dict,
         status: str = "queued",
         parent_id: int | None = None,
+        sweep_id: int | None = None,
     ) -> int:
         """Insert a run and return its id; ``created_at`` is now and ``uid`` a fresh UUID."""
         values = {
@@ -51,6 +52,7 @@ class RunsMixin:
             "progress": {},
             "tags": [],
             "hidden": False,
+            "sweep_id": sweep_id,
         }
         with self.engine.begin() as conn:
             result = conn.execute(insert(runs).values(**values))
@@ -70,9 +72,12 @@ class RunsMixin:
         status: Sequence[str] | None = None,
         include_hidden: bool = False,
         limit: int | None = None,
+        sweep_id: int | None = None,
     ) -> list[RunRecord]:
-        """Runs newest first, optionally filtered by status; hidden runs only on request."""
+        """Runs newest first, optionally filtered by status or sweep; hidden runs only on request."""
         stmt = select(runs)
+        if sweep_id is not None:
+            stmt = stmt.where(runs.c.sweep_id == sweep_id)
         if status is not None:
             stmt = stmt.where(runs.c.status.in_(_as_str_list(status)))
         if not include_hidden:

@@ -57,10 +57,23 @@ runs = Table(
     Column("progress", JSON, nullable=False),
     Column("tags", JSON, nullable=False),
     Column("hidden", Boolean, nullable=False, server_default=false()),
+    Column("sweep_id", Integer, nullable=True),  # the sweep that launched the run (see 0004_sweeps)
     Index("ix_runs_status", "status"),
     Index("ix_runs_created_at", "created_at"),
     Index("ix_runs_parent_id", "parent_id"),
     Index("ux_runs_uid", "uid", unique=True),
+    Index("ix_runs_sweep_id", "sweep_id"),
+)
+
+# One launch of a grid of configs: the base config and the swept values (kd_core.sweeps).
+sweeps = Table(
+    "sweeps",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(32), nullable=False, unique=True),
+    Column("name", String(256), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 metrics = Table(

@@ -1,7 +1,8 @@
 """The :class:`Store`: every database access of Distillery goes through here.
 
 It is split by table into mixins a newcomer finds by name: :mod:`storage.runs` (runs and the queue),
-:mod:`storage.metrics` (metric rows and downsampling), :mod:`storage.artifacts`; :mod:`storage.sink` is
+:mod:`storage.metrics` (metric rows and downsampling), :mod:`storage.artifacts`, :mod:`storage.sweeps`;
+:mod:`storage.sink` is
 the adapter kd_core reports through. Design notes (why it looks like this):
 
 * Metric writes are batched: :meth:`Store.append_metrics` inserts a whole batch
@@ -23,9 +24,10 @@ from storage.artifacts import ArtifactsMixin
 from storage.db import StoreUnavailable, default_db_url, describe_open_error, make_engine, masked_url, run_migrations
 from storage.metrics import MetricsMixin
 from storage.runs import RunsMixin
+from storage.sweeps import SweepsMixin
 
 
-class Store(RunsMixin, MetricsMixin, ArtifactsMixin):
+class Store(RunsMixin, MetricsMixin, ArtifactsMixin, SweepsMixin):
     """Typed access to Distillery's database (SQLite file or PostgreSQL).
 
     Safe to use from several threads (SQLAlchemy pools connections) and from

@@ -27,7 +27,7 @@ from storage import ArtifactRecord, RunRecord, RunSink, Store, default_db_url
 from storage.db import forget_migrations, run_migrations
 from storage.metrics import bucket_width
 
-HEAD_REVISION = "0003_metric_rollups"  # the newest file in storage/migrations/versions
+HEAD_REVISION = "0004_sweeps"  # the newest file in storage/migrations/versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
