@@ -374,6 +374,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", default="1x28x28", help="input size as CxHxW (default 1x28x28: mnist5k)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+
+
+@command("models", "every architecture with its parameter count at a given input size", _models_args)
+def cmd_models(args: argparse.Namespace) -> int:
+    from kd_core.models import MODELS, count_parameters, create_model
+
+    try:
+        channels, height, width = (int(v) for v in args.input.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input {args.input!r}: give channels x height x width, e.g. 3x32x32") from None
+    if height != width:
+        raise ValueError(f"--input {args.input!r}: images are square here; give equal height and width")
+    rows = [[name, info.family, f"{count_parameters(create_model(name, args.classes, channels, height)):,}", info.description]
+            for name, info in MODELS.items()]
+    print(format_table(rows, ["architecture", "family", f"parameters at {args.input}, {args.classes} classes", "description"]))
+    return 0
+
+
 @command("supervise", "keep the queue moving without a dashboard: notice dead workers, start queued runs (Ctrl-C stops)")
 def cmd_supervise(args: argparse.Namespace) -> int:
     from kd_core.runner.supervisor import Supervisor
@@ -397,7 +418,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     return work(args.run_id, args.db)
 
 
-OFFLINE_COMMANDS = ("work", "methods")  # no database involved (the worker reconciles itself when it ends)
+OFFLINE_COMMANDS = ("work", "methods", "models")  # no database involved (the worker reconciles itself when it ends)
 
 
 def reconcile_first(args: argparse.Namespace) -> None:
