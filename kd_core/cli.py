@@ -68,6 +68,9 @@ class TqdmSink:
 
     def update_progress(self, progress: dict[str, Any]) -> None:
         self.inner.update_progress(progress)
+        if progress["phase"] == "analysis":  # stages, not steps
+            self.bar.set_description(f"[{progress['phase_index']}/{progress['phases']}] analysis: {progress.get('stage', '')}")
+            return
         if progress["phase"] != self.phase:
             self.phase = progress["phase"]
             self.bar.reset(total=progress["steps"])
@@ -299,10 +302,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if run.heartbeat_at and run.status in ("starting", "running", "cancelling"):
         print(f"last heartbeat {time.time() - run.heartbeat_at:.1f} s ago")
     if run.progress:
-        p = run.progress
-        eta = p.get("eta_s")
-        print(f"progress: {p.get('phase')} ({p.get('phase_index')}/{p.get('phases')}), epoch {p.get('epoch')}/{p.get('epochs')}, "
-              f"step {p.get('step')}/{p.get('steps')}" + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else ""))
+        from kd_core.engine.reporting import progress_line
+
+        print(f"progress: {progress_line(run.progress)}")
     if run.error:
         print(f"error: {run.error}")
     if run.log_path:

@@ -259,3 +259,13 @@ def test_a_term_that_cannot_be_computed_is_named_with_its_cause(tmp_path: Path) 
             run_experiment(config, MemorySink(), tmp_path)
     finally:
         del LOSSES["test_log_of_negative"]
+
+
+def test_the_analysis_views_never_change_what_is_trained(tmp_path: Path) -> None:
+    """CKA at checkpoints runs between epochs: the trained weights must be the same with it on or off."""
+    on = {"enabled": True, "cka_checkpoints": 3, "samples": 60, "attribution_images": 2, "projections": ["pca"]}
+    for name, analysis in (("off", {"enabled": False}), ("on", on)):
+        run_experiment(tiny(analysis=analysis), MemorySink(), tmp_path / name)
+    for phase in ("student", "baseline"):
+        a, b = load_file(str(tmp_path / "off" / f"{phase}.safetensors")), load_file(str(tmp_path / "on" / f"{phase}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), phase

@@ -74,3 +74,24 @@ class ProgressReporter:
             "phase": "analysis", "phase_index": self.total_phases, "phases": self.total_phases, "stage": stage,
             "eta_s": None if left is None else round(left, 1), "eta_includes_analysis": left is not None,
         })
+
+
+def progress_line(progress: dict[str, Any]) -> str:
+    """One line a person reads: the phase and where it stands (an analysis stage, or epoch and step), and the ETA."""
+    if not progress:
+        return "not started"
+    if progress.get("finished"):
+        return f"finished: {progress.get('ended', '')}".rstrip(": ")
+    head = f"{progress.get('phase')} ({progress.get('phase_index')}/{progress.get('phases')})"
+    if progress.get("phase") == "analysis":
+        where = f"analysis: {progress.get('stage', '')}"
+        head = f"{where} ({progress.get('phase_index')}/{progress.get('phases')})"
+    else:
+        head += f", epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress.get('step')}/{progress.get('steps')}"
+        if progress.get("images_per_s"):
+            head += f", {progress['images_per_s']:.0f} img/s"
+    eta = progress.get("eta_s")
+    if isinstance(eta, (int, float)):
+        head += f", ETA {eta:.0f} s" + ("" if progress.get("eta_includes_analysis", True) else " (analysis not included)")
+    return head
+

@@ -182,12 +182,15 @@ def with_log_tail(message: str, log_path: str | Path | None) -> str:
 
 def lost_worker_reason(run: RunRecord, age: float) -> str:
     """Why a run's worker is gone, read from the end of its log, followed by that end."""
-    tail = tail_text(run.log_path, ERROR_LOG_LINES) or ""
-    fatal = next((line for line in tail.splitlines() if line.startswith(FATAL_MARK)), None)
+    # faulthandler's report (every thread's stack, then the extension modules) can run to hundreds of lines
+    lines = (tail_text(run.log_path, 1000) or "").splitlines()
+    crash = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(FATAL_MARK)), None)
     where = f"pid {run.pid} on {run.host}"
-    if fatal:
-        reason = f"the worker ({where}) crashed: {fatal.removeprefix(FATAL_MARK).strip()}; Python's stack at the crash is in its log"
-    elif EXIT_MARK in tail:
+    if crash is not None:
+        reason = f"the worker ({where}) crashed: {lines[crash].removeprefix(FATAL_MARK).strip()}. `resume` continues from its last checkpoint"
+        stacks = "\n".join(lines[crash : crash + ERROR_LOG_LINES])
+        return f"{reason}\n\n--- Python's stacks at the crash ({Path(str(run.log_path)).name}) ---\n{stacks}"
+    if EXIT_MARK in "\n".join(lines):
         reason = f"{WORKER_LOST}: the worker ({where}) ended but could not record the outcome; see its log"
     else:
         reason = (f"the worker ({where}) vanished without a word: it was killed from outside (kill -9) or by the kernel's "

@@ -84,26 +84,23 @@ class Heartbeat(threading.Thread):
 
 
 class LoggingSink:
-    """Forwards to the real sink and writes a line to the log at each new phase or epoch."""
+    """Forwards to the real sink and writes a line to the log at each new phase, epoch or analysis stage."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self._last: tuple[Any, Any] = (None, None)
+        self._last: tuple[Any, ...] = ()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def update_progress(self, progress: dict[str, Any]) -> None:
+        from kd_core.engine.reporting import progress_line
+
         self.inner.update_progress(progress)
-        key = (progress.get("phase"), progress.get("epoch"))
+        key = (progress.get("phase"), progress.get("epoch"), progress.get("stage"))
         if key != self._last:
             self._last = key
-            eta = progress.get("eta_s")
-            log(
-                f"{progress.get('phase')} ({progress.get('phase_index')}/{progress.get('phases')}) "
-                f"epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress.get('step')}/{progress.get('steps')}, "
-                f"{progress.get('images_per_s')} img/s" + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else "")
-            )
+            log(progress_line(progress))
 
 
 def log(message: str) -> None:
