@@ -93,6 +93,13 @@ def _title(fig: dict) -> str:
     return title.get("text", "") if isinstance(title, dict) else str(title)
 
 
+def _open_tab(at, name: str):
+    """Click the tab whose label ends with ``name`` (the page reruns and draws that tab only)."""
+    label = next(t.label for t in at.tabs if t.label.endswith(name))
+    at.session_state["rd_tab"] = label
+    return at.run()
+
+
 def _no_exceptions(at) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
@@ -110,18 +117,17 @@ def test_run_detail_renders_summary_accuracy_and_confusions(env):
     assert "Teacher" in shown and "Baseline (best)" in shown
     student_delta = next(m.delta for m in at.metric if m.label == "Student (best)")
     assert student_delta.endswith("pts")
-    titles = [_title(f) for f in _figures(at)]
-    assert any(t.startswith("Top-1 accuracy per epoch") for t in titles), titles
-    acc = next(f for f in _figures(at) if _title(f).startswith("Top-1 accuracy per epoch"))
+    assert any("Total loss" in _title(f) for f in _figures(at))  # the first tab, Curves, is open
+    config = json.loads(at.get("plotly_chart")[0].proto.config)  # every chart exports a 2x PNG with a meaningful name
+    figures = _figures(_open_tab(at, "Accuracy"))
+    titles = [_title(f) for f in figures]
+    assert not any("Total loss" in t for t in titles)  # only the open tab is drawn
+    acc = next(f for f in figures if _title(f).startswith("Top-1 accuracy per epoch"))
     assert {tr["name"] for tr in acc["data"]} >= {"Teacher", "Student (distilled)", "Baseline (CE only)"}
-    confusions = [f for f in _figures(at) if f["data"] and f["data"][0]["type"] == "heatmap"]
-    assert len(confusions) == 3
-    assert [_title(f).split(":")[0] for f in confusions] == ["Teacher", "Student (distilled, best)", "Baseline (best)"]
     assert any("Agreement with the teacher" in t for t in titles)
-    assert any("Accuracy per class" in t for t in titles)
-    assert any("Total loss" in t for t in titles)
-    # every chart exports a 2x PNG with a meaningful name
-    config = json.loads(at.get("plotly_chart")[0].proto.config)
+    assert any("Accuracy per class" in _title(f) for f in _figures(_open_tab(at, "Per class")))
+    confusions = [f for f in _figures(_open_tab(at, "Confusion")) if f["data"] and f["data"][0]["type"] == "heatmap"]
+    assert [_title(f).split(":")[0] for f in confusions] == ["Teacher", "Student (distilled, best)", "Baseline (best)"]
     assert config["toImageButtonOptions"]["scale"] == 2 and config["toImageButtonOptions"]["filename"].startswith(f"run{env['a']}_")
     assert st_query(at) == str(env["a"])
 

@@ -111,7 +111,7 @@ def make_runs(store) -> dict[str, int]:
     base = yaml.safe_load(TINY_YAML)
     ids = {}
     ids["done"] = store.create_run("alpha digits", base, status="completed")
-    store.update_run(ids["done"], summary={"student_acc": 91.5, "student_last_acc": 90.0, "kd_gain": 1.25, "duration_s": 12},
+    store.update_run(ids["done"], summary={"student_acc": 91.5, "student_last_acc": 90.0, "kd_gain": 1.25, "trained_s": 12},
                      tags=["sweep-a"], started_at=time.time() - 20, finished_at=time.time() - 8)
     other = {**base, "dataset": {"name": "mnist5k"}, "recipe": [{"loss": "dkd", "weight": 1.0}]}
     ids["failed"] = store.create_run("beta mnist", other, status="failed")
@@ -141,7 +141,7 @@ def test_runs_table_lists_and_filters(env, no_dispatch):
     row = df[df["id"] == ids["done"]].iloc[0]
     assert row["recipe"] == "0.5·ce + 0.5·kd(T=2)" and row["models"] == "cnn_tiny → cnn_tiny"
     assert row["best_acc"] == pytest.approx(91.5) and row["kd_gain"] == pytest.approx(1.25) and row["progress"] == 100
-    assert row["status"].endswith("completed")
+    assert list(row["status"]) == ["completed"] and row["time"] == "12s"
     at.multiselect(key="runs_status").set_value(["failed", "queued"]).run()
     assert set(table(at)["id"]) == {ids["failed"], ids["queued"]}
     at.multiselect(key="runs_status").set_value([]).run()
@@ -222,7 +222,7 @@ def test_runs_page_renders_1000_runs_fast(env, no_dispatch):
     now = time.time()
     rows = [
         {"name": f"run {i}", "status": ["completed", "failed", "cancelled"][i % 3], "config": base, "parent_id": None,
-         "created_at": now - i, "summary": {"student_acc": 50 + i % 50, "kd_gain": 0.5, "duration_s": 60}, "progress": {},
+         "created_at": now - i, "summary": {"student_acc": 50 + i % 50, "kd_gain": 0.5, "trained_s": 60}, "progress": {},
          "tags": ["bulk"], "hidden": False}
         for i in range(1000)
     ]

@@ -108,8 +108,8 @@ def shown_yaml(at: AppTest) -> dict:
 
 
 def texts(at: AppTest) -> str:
-    """Everything a user reads on the page: markdown, captions, alerts and metric labels and values."""
-    parts = [e.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title", "subheader")
+    """Everything a user reads on the page: markdown, captions, alerts, progress bars, metric labels and values."""
+    parts = [e.proto.text for e in at.get("progress")] + [e.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title", "subheader")
              for e in getattr(at, kind)]
     parts += [f"{m.label} {m.value}" for m in at.metric]
     return "\n".join(str(p) for p in parts)
