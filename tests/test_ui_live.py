@@ -79,3 +79,35 @@ def test_a_cancelled_run_says_how_it_ended(env, no_dispatch):
     shown = texts(run_detail(make_run(env, "cancelled", ended, {"trained_s": 30.0})))
     assert ":gray-badge[:material/cancel: cancelled]" in shown and "Resume" in shown
     assert "left" not in shown and "epoch 3/8" not in shown
+
+
+# --------------------------------------------------------------------------- a database that cannot be opened
+
+
+def _opened_with(url: str, monkeypatch):
+    import streamlit as st
+
+    monkeypatch.setenv("DISTILLERY_DB_URL", url)
+    st.cache_resource.clear()
+    return app()
+
+
+def test_a_missing_postgres_database_is_named_on_the_page(env, monkeypatch, _storage_pg_admin):
+    from tests.ui_apptest import errors
+
+    at = _opened_with("postgresql+psycopg://distillery:distillery@127.0.0.1:5432/no_such_db", monkeypatch)
+    assert at.title[0].value == "The database cannot be opened"
+    shown = errors(at)
+    assert "cannot open the database postgresql+psycopg://distillery:***@127.0.0.1:5432/no_such_db" in shown
+    assert "the database does not exist: create it" in shown and "distillery:distillery@" not in shown
+
+
+def test_a_read_only_sqlite_file_is_named_on_the_page(env, monkeypatch, tmp_path):
+    from tests.ui_apptest import errors
+
+    (tmp_path / "ro.db").write_bytes(b"")
+    at = _opened_with(f"sqlite:///file:{tmp_path / 'ro.db'}?mode=ro&uri=true", monkeypatch)
+    shown = errors(at)
+    assert at.title[0].value == "The database cannot be opened"
+    assert "cannot open the database sqlite:///" in shown and "ro.db?mode=ro" in shown
+    assert "the SQLite file or its folder is read-only" in shown
