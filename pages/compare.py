@@ -14,7 +14,7 @@ import streamlit as st
 from ui import charts, metrics
 from ui import state as ui_state
 
-from ui.badges import status_badge
+from ui.png_button import png_button
 
 ACTIVE = ui_state.ACTIVE
 SKIP_IN_TABLE = ("name",)
@@ -41,8 +41,8 @@ def pick_runs(store):
         default = None  # the widget keeps its own value after the first render
     chosen = st.multiselect(
         "Runs to compare", list(by_id), default=default, key="cmp_runs",
-        format_func=lambda i: f"#{i} {by_id[i].name} — {status_badge(by_id[i].status)}",
-        help="Each run keeps the same colour on every chart. The address bar (?runs=…) remembers the selection.",
+        format_func=lambda i: f"#{i} {by_id[i].name} — {by_id[i].status}",
+        help="Each selected run gets its own colour. The address bar (?runs=…) remembers the selection.",
         placeholder="pick two or more runs",
     )
     text = ",".join(str(i) for i in chosen)
@@ -75,12 +75,13 @@ def curves_section(store, runs) -> None:
     smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0 if metrics.is_epoch_key(key) else 0.6, 0.01, key=f"cmp_smooth_{metrics.is_epoch_key(key)}",
                           help="Exponential moving average weight (0 = raw). The raw curve stays visible, faint, behind the smoothed one.")
     curves, frames = [], []
+    colors = charts.run_colors([r.id for r in runs])
     for r in runs:
         df = metrics.bucketed_series(store, r, key, phase)
         if df.empty:
             continue
         name = f"#{r.id} {r.name}"
-        curves.append(charts.Curve(name=name, color=charts.run_color(r.id), frame=df))
+        curves.append(charts.Curve(name=name, color=colors[r.id], frame=df))
         frames.append(df.assign(run=r.id, run_name=r.name, key=key))
     if not curves:
         st.info(f"None of the selected runs logged {key} for the {phase}.")
@@ -88,12 +89,14 @@ def curves_section(store, runs) -> None:
     t0 = {f"#{r.id} {r.name}": r.started_at for r in runs if r.started_at}
     fig = charts.curves_figure(curves, x=x, title=f"{charts.role_label(phase)} · {key}", y_title=key,
                                smoothing=smoothing, t0=t0, height=480)
-    st.plotly_chart(fig, config=charts.plotly_config(f"compare_{phase}_{key}"), key="cmp_chart")
-    st.caption("📷 Hover the chart and click the camera icon to save it as PNG (2× resolution).")
-    data = pd.concat(frames, ignore_index=True)
-    st.download_button("⬇ Chart data (CSV)", data=_csv(data), file_name=f"compare_{phase}_{key.replace('/', '_')}.csv",
-                       mime="text/csv", key="cmp_dl_chart",
-                       help="The plotted points: per run, bucket mean (value), min, max and how many raw points each bucket holds.")
+    st.plotly_chart(fig, config=charts.plotly_config(f"compare_{phase}_{key}"), key="cmp_chart", theme=None)
+    c = st.columns([1, 1, 4], vertical_alignment="center")
+    with c[0]:
+        png_button("cmp_chart")
+    c[1].download_button("Chart data (CSV)", data=_csv(pd.concat(frames, ignore_index=True)), icon=":material/download:",
+                         file_name=f"compare_{phase}_{key.replace('/', '_')}.csv", mime="text/csv", key="cmp_dl_chart",
+                         help="The plotted points: per run, bucket mean (value), min, max and how many raw points each bucket holds.")
+    c[2].caption("The PNG is the chart as shown, at 2× resolution.")
 
 
 def results_section(runs) -> None:
@@ -109,7 +112,7 @@ def results_section(runs) -> None:
         st.dataframe(groups, hide_index=True)
     else:
         st.caption("Tip: repeat a config with other seeds (Clone into form, change the seed) to see mean ± std here.")
-    st.download_button("⬇ Results (CSV)", data=_csv(res), file_name="compare_results.csv", mime="text/csv", key="cmp_dl_res")
+    st.download_button("Results (CSV)", icon=":material/download:", data=_csv(res), file_name="compare_results.csv", mime="text/csv", key="cmp_dl_res")
 
 
 def config_section(runs) -> None:
@@ -122,7 +125,7 @@ def config_section(runs) -> None:
     else:
         st.caption(f"{len(table)} field(s){' that differ' if only_diff else ''}; one column per run.")
         st.dataframe(table, key="cmp_config_table")
-        st.download_button("⬇ Config table (CSV)", data=_csv(table, index=True), file_name="compare_configs.csv",
+        st.download_button("Config table (CSV)", icon=":material/download:", data=_csv(table, index=True), file_name="compare_configs.csv",
                            mime="text/csv", key="cmp_dl_cfg")
 
 

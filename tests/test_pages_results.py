@@ -176,9 +176,9 @@ def test_compare_two_runs_shows_differing_fields(env):
     assert list(table.loc["recipe[1].params.temperature"]) == ["4", "2"]
     curve = next(f for f in _figures(at) if "top1" in _title(f))
     colors = {tr["name"]: tr["line"]["color"] for tr in curve["data"] if tr.get("showlegend", True) is not False}
-    from ui.charts import run_color
+    from ui.charts import run_colors
 
-    assert colors[next(n for n in colors if n.startswith(f"#{a} "))] == run_color(a)
+    assert colors[next(n for n in colors if n.startswith(f"#{a} "))] == run_colors([a, b])[a]
     at.toggle(key="cmp_diff").set_value(False).run()
     assert "dataset.name" in at.dataframe[-1].value.index
 
@@ -240,7 +240,8 @@ def test_ema_flatten_groups_and_colors():
 
     assert charts.ema([5.0, 5.0, 5.0], 0.9).tolist() == [5.0, 5.0, 5.0]  # debiased: no pull towards 0
     assert np.allclose(charts.ema([1.0, 2.0], 0.0), [1.0, 2.0])
-    assert charts.run_color(3) == charts.run_color(3 + len(charts.PALETTE)) and charts.run_color(1) != charts.run_color(2)
+    # every run of a chart has its own colour, however many (ids 7 and 19 once shared one)
+    assert len(set(charts.run_colors([7, 19]).values())) == 2 and len(set(charts.run_colors(range(1, 41)).values())) == 40
     flat = metrics.flatten({"a": {"b": 1}, "recipe": [{"loss": "kd", "params": {"temperature": 4}}], "m": [1, 2]})
     assert flat == {"a.b": 1, "recipe[0].loss": "kd", "recipe[0].params.temperature": 4, "m": "1, 2"}
 
