@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.ui_apptest import (  # noqa: F401 - fixtures
-    ROOT, TINY_YAML, env, errors, launch_button, new_experiment, no_dispatch, paste_yaml, shown_yaml, warnings,
+    ROOT, TINY_YAML, env, errors, launch_button, new_experiment, no_dispatch, paste_yaml, shown_yaml, stop_runs, warnings,
 )
 
 
@@ -143,6 +143,7 @@ def test_the_docker_default_preset_launches(tmp_path, monkeypatch, no_dispatch):
         (run,) = store.list_runs(include_hidden=True)
         assert run.config["dataset"]["root"] == str(data / "datasets") and run.status == "queued"
     finally:
+        stop_runs(store)
         store.dispose()
         st.cache_resource.clear()
 

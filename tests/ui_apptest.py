@@ -53,8 +53,18 @@ def env(tmp_path, monkeypatch):
     st.cache_data.clear()
     store = Store(url)
     yield store
+    stop_runs(store)
     store.dispose()
     st.cache_resource.clear()
+
+
+def stop_runs(store) -> None:
+    """Cancel what a test left queued or running: the server's supervisor thread outlives the test and would
+    otherwise start workers for it (training in the background, writing into the next test's folders)."""
+    from kd_core import runner
+
+    for run in store.list_runs(status=sorted(runner.ACTIVE_STATUSES), include_hidden=True):
+        runner.cancel(store, run.id)
 
 
 @pytest.fixture

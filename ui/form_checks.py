@@ -87,7 +87,7 @@ def value_problems(s: Mapping[str, Any]) -> list[tuple[str, str]]:
 def _number_problems(path: str, kind: str, value: Any) -> list[tuple[str, str]]:
     if kind == FLOAT and isinstance(value, float) and not math.isfinite(value):
         return [(path, f"must be a finite number, got {value!r}")]
-    if kind in (INT, OPT_INT) and isinstance(value, int) and abs(value) > MAX_INT:
+    if kind in (INT, OPT_INT) and isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_INT:
         return [(path, f"{value!r} is larger than the form can hold ({MAX_INT:,})")]
     return []
 

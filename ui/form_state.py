@@ -127,6 +127,15 @@ def _normalised(config: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- config -> widgets
 
 
+def whole(value: Any) -> Any:
+    """A whole-number field's value for the config: 3.0 -> 3, and anything else as it is (2.5 stays 2.5).
+
+    Whole-number fields are float widgets: a browser's integer field truncates a typed 2.5 to 2 without a word,
+    a float field keeps it, and validation then says it must be a whole number.
+    """
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def fit(kind: str, value: Any) -> tuple[bool, Any, str]:
     """(the widget can hold it, the widget value, why not) for a value of a field of ``kind``."""
     if kind == OPT_INT and value is None:
@@ -137,7 +146,7 @@ def fit(kind: str, value: Any) -> tuple[bool, Any, str]:
             return False, None, f"expected a whole number, got {value!r}"
         if abs(value) > MAX_INT:
             return False, None, f"{value!r} is larger than a form field can hold ({MAX_INT:,})"
-        return True, int(value), ""
+        return True, float(value), ""  # whole numbers sit in float fields too: see whole()
     if kind == FLOAT:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False, None, f"expected a number, got {value!r}"
@@ -299,7 +308,8 @@ def state_to_config(s: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[st
     defaults = default_values()
     for f in FIELDS:
         value = s.get(P + f.key, _MISSING)
-        _put(config, f.path, lookup(defaults, f.path) if value is _MISSING else value)
+        value = lookup(defaults, f.path) if value is _MISSING else value
+        _put(config, f.path, whole(value) if f.kind in (INT, OPT_INT) else value)
     for role, p in ROLES.items():
         milestones, why = parse_milestones(s.get(f"{P}{p}milestones", ""))
         if why:
@@ -347,12 +357,14 @@ def recipe_from_state(s: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[
             else:
                 problems.append((f"recipe[{i}].params", "extra parameters must be a YAML mapping, e.g. {temperature: 4}"))
         recipe.append({"loss": name, "weight": s.get(f"{P}r{uid}_weight", 1.0), "params": params,
-                       "warmup_epochs": s.get(f"{P}r{uid}_warmup_epochs", 0)})
+                       "warmup_epochs": whole(s.get(f"{P}r{uid}_warmup_epochs", 0))})
     return recipe, problems
 
 
 def parse_param(default: Any, value: Any) -> Any:
     """A parameter whose default is None has a text widget: empty = None, else the YAML value typed."""
+    if isinstance(default, int) and not isinstance(default, bool):
+        return whole(value)
     if default is None and isinstance(value, str):
         if not value.strip():
             return None

@@ -2,7 +2,8 @@
 
 Widgets get their values from Session State (keys ``nx_...``, see ``ui.form_state``), never ``value=``. Number
 fields have no ``min_value``/``max_value``: a browser number field silently keeps its old value when a typed one
-is out of its range, so the typed value goes to validation instead, which refuses it next to the field.
+is out of its range, so the typed value goes to validation instead, which refuses it next to the field. For the
+same reason whole-number fields are float fields (``WHOLE``): an integer field truncates a typed 2.5 to 2.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ui.form_state import P, SOURCES
 from ui.forms import HELP, PARAM_HELP, SOURCE_HELP, options_with, show_problems
 
 ss = st.session_state
+WHOLE = {"step": 1.0, "format": "%.15g"}  # a whole-number field that keeps a typed fraction for validation to refuse
 
 
 def _under(columns, check: FormCheck, paths: tuple[str, ...], prefix: str = "") -> None:
@@ -32,7 +34,7 @@ def run_section(check: FormCheck) -> None:
     st.subheader("Run")
     c = st.columns([3, 1, 1, 1])
     c[0].text_input("Name", key=f"{P}name", help=HELP["name"] + " It follows the config until you type your own.")
-    c[1].number_input("Seed", key=f"{P}seed", step=1, help=HELP["seed"])
+    c[1].number_input("Seed", key=f"{P}seed", help=HELP["seed"], **WHOLE)
     c[2].selectbox("Device", options_with(["auto", "cpu", "cuda"], ss.get(f"{P}device")), key=f"{P}device", help=HELP["device"])
     c[3].selectbox("Precision", options_with(["auto", "fp32", "bf16", "fp16"], ss.get(f"{P}precision")), key=f"{P}precision",
                    help=HELP["precision"])
@@ -55,8 +57,8 @@ def dataset_section(check: FormCheck) -> None:
     _under(c, check, ("dataset.name", "dataset.root"))
     c = st.columns(4)
     c[0].number_input("Validation fraction", key=f"{P}ds_val", step=0.05, format="%g", help=HELP["val"])
-    c[1].number_input("Subset (max training images)", key=f"{P}ds_subset", step=100, placeholder="all", help=HELP["subset"])
-    c[2].number_input("Image size", key=f"{P}ds_image_size", step=8, placeholder="dataset's own", help=HELP["image_size"])
+    c[1].number_input("Subset (max training images)", key=f"{P}ds_subset", placeholder="all", help=HELP["subset"], **{**WHOLE, "step": 100.0})
+    c[2].number_input("Image size", key=f"{P}ds_image_size", placeholder="dataset's own", help=HELP["image_size"], **{**WHOLE, "step": 8.0})
     with c[3]:
         st.write("")
         st.checkbox("Augment", key=f"{P}ds_augment", help=HELP["augment"])
@@ -72,8 +74,8 @@ def model_section(check: FormCheck, role: str, disabled: bool = False) -> None:
     """Architecture-independent training settings of the teacher or the student."""
     p = f"{P}{role[0]}_"
     c = st.columns(3)
-    c[0].number_input("Epochs", key=f"{p}epochs", step=1, help=HELP["epochs"], disabled=disabled)
-    c[1].number_input("Batch size", key=f"{p}bs", step=16, help=HELP["batch_size"], disabled=disabled)
+    c[0].number_input("Epochs", key=f"{p}epochs", help=HELP["epochs"], disabled=disabled, **WHOLE)
+    c[1].number_input("Batch size", key=f"{p}bs", help=HELP["batch_size"], disabled=disabled, **{**WHOLE, "step": 16.0})
     c[2].selectbox("Optimizer", options_with(["sgd", "adamw"], ss.get(f"{p}opt")), key=f"{p}opt", help=HELP["optimizer"], disabled=disabled)
     _under(c, check, ("epochs", "batch_size", "optimizer.name"), f"{role}.")
     sgd = ss.get(f"{p}opt") == "sgd"
@@ -175,7 +177,7 @@ def _term(check: FormCheck, i: int, uid: int, catalogue: dict, removable: bool, 
     name_key = f"{P}r{uid}_loss"
     c[0].selectbox(f"Term {i + 1}: loss", options_with(list(catalogue), ss.get(name_key)), key=name_key, help=HELP["loss"])
     c[1].number_input("Weight", key=f"{P}r{uid}_weight", step=0.1, format="%g", help=HELP["weight"])
-    c[2].number_input("Warm-up epochs", key=f"{P}r{uid}_warmup_epochs", step=1, help=HELP["warmup"])
+    c[2].number_input("Warm-up epochs", key=f"{P}r{uid}_warmup_epochs", help=HELP["warmup"], **WHOLE)
     c[3].button("Remove", key=f"{P}r{uid}_remove", on_click=on_remove, args=(uid,), disabled=not removable,
                 help="Remove this term", icon=":material/delete:")
     info = catalogue.get(ss.get(name_key))
@@ -200,7 +202,7 @@ def _params(uid: int, loss: str, params: dict[str, Any]) -> None:
         if isinstance(default, bool):
             col.checkbox(pname, key=key, help=phelp)
         elif isinstance(default, int):
-            col.number_input(pname, key=key, step=1, help=phelp)
+            col.number_input(pname, key=key, help=phelp, **WHOLE)
         elif isinstance(default, float):
             col.number_input(pname, key=key, format="%g", step=0.1 if default >= 0.1 else default or 0.01, help=phelp)
         else:
@@ -220,11 +222,11 @@ def options_section(check: FormCheck) -> None:
     c = st.columns([2, 1, 1, 1, 2])
     c[0].checkbox("Compute the analysis views", key=f"{P}an_enabled", help=HELP["analysis"])
     off = not ss.get(f"{P}an_enabled", True)
-    c[1].number_input("CKA checkpoints", key=f"{P}an_cka", step=1, disabled=off,
+    c[1].number_input("CKA checkpoints", key=f"{P}an_cka", disabled=off, **WHOLE,
                       help="Epochs (evenly spaced, last included) at which teacher-vs-student CKA is computed.")
-    c[2].number_input("Analysis images", key=f"{P}an_samples", step=100, disabled=off,
+    c[2].number_input("Analysis images", key=f"{P}an_samples", disabled=off, **{**WHOLE, "step": 100.0},
                       help="Held-out images used for CKA, prototypes and the 2-D maps.")
-    c[3].number_input("Attribution images", key=f"{P}an_attr", step=4, disabled=off,
+    c[3].number_input("Attribution images", key=f"{P}an_attr", disabled=off, **{**WHOLE, "step": 4.0},
                       help="Images whose attribution maps (which pixels mattered) are computed for every model.")
     c[4].multiselect("2-D maps", ["pca", "tsne", "umap"], key=f"{P}an_proj", disabled=off, help=HELP["projections"])
     _under(c, check, ("enabled", "cka_checkpoints", "samples", "attribution_images", "projections"), "analysis.")
