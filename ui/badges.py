@@ -37,11 +37,16 @@ def _num(value: Any) -> str:
 
 
 def recipe_text(recipe: list[dict[str, Any]] | None) -> str:
-    """``0.1·ce + 0.9·kd(T=4)`` from a config's recipe list."""
+    """``0.1·ce + 0.9·kd(T=4)`` from a config's recipe list: parameters at their default left out, the temperature
+    always shown (stored configs write every default out, which would bury the parameters that were chosen)."""
+    from ui.form_state import loss_params
+
     parts = []
     for term in recipe or []:
-        params = term.get("params") or {}
-        inner = ", ".join(f"{_SHORT.get(k, k)}={_num(v)}" for k, v in params.items() if v is not None)
+        defaults = loss_params(term.get("loss"))
+        params = {k: v for k, v in (term.get("params") or {}).items()
+                  if v is not None and (k == "temperature" or k not in defaults or defaults[k] != v)}
+        inner = ", ".join(f"{_SHORT.get(k, k)}={_num(v)}" for k, v in params.items())
         weight = term.get("weight", 1.0)
         text = f"{_num(float(weight))}·{term.get('loss', '?')}" + (f"({inner})" if inner else "")
         if term.get("warmup_epochs"):

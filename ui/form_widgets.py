@@ -24,10 +24,9 @@ ss = st.session_state
 WHOLE = {"step": 1.0, "format": "%.15g"}  # a whole-number field that keeps a typed fraction for validation to refuse
 
 
-def _under(columns, check: FormCheck, paths: tuple[str, ...], prefix: str = "") -> None:
-    for col, path in zip(columns, paths):
-        with col:
-            show_problems(check, prefix + path)
+def _row_problems(check: FormCheck, paths: tuple[str, ...], prefix: str = "") -> None:
+    """The problems of a row of fields, right under the row at full width (a narrow column would wrap them per word)."""
+    show_problems(check, *(prefix + path for path in paths))
 
 
 def run_section(check: FormCheck) -> None:
@@ -38,7 +37,7 @@ def run_section(check: FormCheck) -> None:
     c[2].selectbox("Device", options_with(["auto", "cpu", "cuda"], ss.get(f"{P}device")), key=f"{P}device", help=HELP["device"])
     c[3].selectbox("Precision", options_with(["auto", "fp32", "bf16", "fp16"], ss.get(f"{P}precision")), key=f"{P}precision",
                    help=HELP["precision"])
-    _under(c, check, ("name", "seed", "device", "precision"))
+    _row_problems(check, ("name", "seed", "device", "precision"))
 
 
 def _dataset_label(name: str) -> str:
@@ -54,7 +53,7 @@ def dataset_section(check: FormCheck) -> None:
     c[0].selectbox("Dataset", options_with(list(DATASETS), ss.get(f"{P}ds_name")), key=f"{P}ds_name",
                    format_func=_dataset_label, help=HELP["dataset"])
     c[1].text_input("Data folder (root)", key=f"{P}ds_root", help=HELP["root"])
-    _under(c, check, ("dataset.name", "dataset.root"))
+    _row_problems(check, ("dataset.name", "dataset.root"))
     c = st.columns(4)
     c[0].number_input("Validation fraction", key=f"{P}ds_val", step=0.05, format="%g", help=HELP["val"])
     c[1].number_input("Subset (max training images)", key=f"{P}ds_subset", placeholder="all", help=HELP["subset"], **{**WHOLE, "step": 100.0})
@@ -62,7 +61,7 @@ def dataset_section(check: FormCheck) -> None:
     with c[3]:
         st.write("")
         st.checkbox("Augment", key=f"{P}ds_augment", help=HELP["augment"])
-    _under(c, check, ("val_fraction", "subset", "image_size", "augment"), "dataset.")
+    _row_problems(check, ("val_fraction", "subset", "image_size", "augment"), "dataset.")
     show_problems(check, "dataset")
 
 
@@ -77,7 +76,7 @@ def model_section(check: FormCheck, role: str, disabled: bool = False) -> None:
     c[0].number_input("Epochs", key=f"{p}epochs", help=HELP["epochs"], disabled=disabled, **WHOLE)
     c[1].number_input("Batch size", key=f"{p}bs", help=HELP["batch_size"], disabled=disabled, **{**WHOLE, "step": 16.0})
     c[2].selectbox("Optimizer", options_with(["sgd", "adamw"], ss.get(f"{p}opt")), key=f"{p}opt", help=HELP["optimizer"], disabled=disabled)
-    _under(c, check, ("epochs", "batch_size", "optimizer.name"), f"{role}.")
+    _row_problems(check, ("epochs", "batch_size", "optimizer.name"), f"{role}.")
     sgd = ss.get(f"{p}opt") == "sgd"
     c = st.columns(4)
     c[0].number_input("Learning rate", key=f"{p}lr", step=0.001, format="%g", help=HELP["lr"], disabled=disabled)
@@ -86,7 +85,7 @@ def model_section(check: FormCheck, role: str, disabled: bool = False) -> None:
     with c[3]:
         st.write("")
         st.checkbox("Nesterov", key=f"{p}nesterov", help=HELP["nesterov"], disabled=disabled or not sgd)
-    _under(c, check, ("optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "optimizer.nesterov"), f"{role}.")
+    _row_problems(check, ("optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "optimizer.nesterov"), f"{role}.")
     show_problems(check, f"{role}.optimizer")
     step = ss.get(f"{p}sched") == "step"
     c = st.columns(3)
@@ -95,7 +94,7 @@ def model_section(check: FormCheck, role: str, disabled: bool = False) -> None:
     c[1].text_input("Milestones (epochs)", key=f"{p}milestones", help=HELP["milestones"], disabled=disabled or not step,
                     placeholder="e.g. 150, 180, 210")
     c[2].number_input("Gamma", key=f"{p}gamma", step=0.05, format="%g", help=HELP["gamma"], disabled=disabled or not step)
-    _under(c, check, ("scheduler.name", "scheduler.milestones", "scheduler.gamma"), f"{role}.")
+    _row_problems(check, ("scheduler.name", "scheduler.milestones", "scheduler.gamma"), f"{role}.")
     show_problems(check, f"{role}.scheduler", role)
 
 
@@ -218,7 +217,7 @@ def options_section(check: FormCheck) -> None:
     c[0].checkbox("Also train a baseline student (CE only)", key=f"{P}baseline", help=HELP["baseline"])
     c[1].checkbox("Cache teacher outputs", key=f"{P}cache_teacher", help=HELP["cache_teacher"])
     c[2].number_input("Checkpoint every (s)", key=f"{P}ckpt_s", step=30.0, format="%g", help=HELP["ckpt"])
-    _under(c, check, ("baseline", "cache_teacher", "checkpoint_every_s"))
+    _row_problems(check, ("baseline", "cache_teacher", "checkpoint_every_s"))
     c = st.columns([2, 1, 1, 1, 2])
     c[0].checkbox("Compute the analysis views", key=f"{P}an_enabled", help=HELP["analysis"])
     off = not ss.get(f"{P}an_enabled", True)
@@ -229,7 +228,7 @@ def options_section(check: FormCheck) -> None:
     c[3].number_input("Attribution images", key=f"{P}an_attr", disabled=off, **{**WHOLE, "step": 4.0},
                       help="Images whose attribution maps (which pixels mattered) are computed for every model.")
     c[4].multiselect("2-D maps", ["pca", "tsne", "umap"], key=f"{P}an_proj", disabled=off, help=HELP["projections"])
-    _under(c, check, ("enabled", "cka_checkpoints", "samples", "attribution_images", "projections"), "analysis.")
+    _row_problems(check, ("enabled", "cka_checkpoints", "samples", "attribution_images", "projections"), "analysis.")
     show_problems(check, "analysis")
 
 
