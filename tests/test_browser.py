@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -146,7 +147,10 @@ def test_launch_the_digits_preset_and_watch_the_run_complete(app_url) -> None:
         launch.click()
 
         page.wait_for_url("**/run_detail**")
-        expect(page.get_by_text("completed", exact=True).first).to_be_visible(timeout=420_000)
+        header = page.get_by_test_id("stMarkdownContainer").filter(has_text="· dataset").first
+        expect(header).to_contain_text(re.compile("completed|failed|cancelled"), timeout=420_000)
+        page.screenshot(path=str(SHOTS / "run_detail_finished.png"))
+        expect(header).to_contain_text("completed")
         expect(page.get_by_text("KD gain").first).to_be_visible()
         # the page redraws once when the run finishes; then exactly one set of tabs remains
         expect(page.get_by_role("tab", name="Accuracy")).to_have_count(1, timeout=30_000)
