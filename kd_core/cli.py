@@ -147,9 +147,17 @@ def summary_table(summary: dict[str, Any]) -> str:
     return table
 
 
-@command("runs", "list runs, newest first", lambda p: p.add_argument("--all", action="store_true", help="include hidden runs"))
+def _runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="include hidden runs")
+    p.add_argument("--sweep", type=int, default=None, help="only the runs of this sweep (see `sweeps`)")
+
+
+@command("runs", "list runs, newest first", _runs_args)
 def cmd_runs(args: argparse.Namespace) -> int:
-    runs = open_store(args).list_runs(include_hidden=args.all)
+    store = open_store(args)
+    if args.sweep is not None:
+        store.get_sweep(args.sweep)  # an unknown sweep is an error, not an empty list
+    runs = store.list_runs(include_hidden=args.all or args.sweep is not None, sweep_id=args.sweep)
     rows = [
         [r.id, r.status, r.name, r.config.get("dataset", {}).get("name"), f"{r.config['teacher']['arch']}→{r.config['student']['arch']}",
          pct(r.summary.get("student_acc")), pct(r.summary.get("kd_gain"))]
@@ -197,6 +205,66 @@ def cmd_export(args: argparse.Namespace) -> int:
     frame = open_store(args).metrics_frame(args.run_id)
     frame.to_csv(args.csv, index=False)
     print(f"wrote {len(frame)} rows to {args.csv}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@command("sweep", "queue every run of a sweep file (a config with a sweep: section); prints only the sweep's id",
+         lambda p: p.add_argument("config", help="YAML config with a sweep: section"))
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kd_core.config import ConfigError
+    from kd_core.sweeps import submit_sweep
+
+    try:
+        raw = yaml.safe_load(open(args.config).read())
+    except FileNotFoundError:
+        raise ConfigError([("(file)", f"no sweep file at {args.config!r}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([("(file)", f"{args.config} is not valid YAML: {exc}")]) from None
+    store = open_store(args)
+    sweep_id = submit_sweep(store, raw)
+    runs = store.list_runs(sweep_id=sweep_id, include_hidden=True)
+    teachers = sum(not str(r.config["teacher"]["source"]).startswith("run:") for r in runs)
+    print(f"sweep {sweep_id}: {len(runs)} runs queued, {teachers} teacher(s) and {sum(bool(r.config.get('baseline')) for r in runs)} "
+          f"baseline(s) trained once each; `python -m kd_core sweeps {sweep_id}` shows the results", file=sys.stderr)
+    print(sweep_id)
+    return 0
+
+
+def _sweeps_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_id", type=int, nargs="?", help="a sweep's id: its runs and results (default: list sweeps)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--cancel", action="store_true", help="cancel every queued or running run of the sweep")
+    what.add_argument("--resume", action="store_true", help="queue every failed or cancelled run of the sweep again")
+
+
+@command("sweeps", "list sweeps, or show one sweep's results (mean ± std and 95 %% interval over seeds)", _sweeps_args)
+def cmd_sweeps(args: argparse.Namespace) -> int:
+    from kd_core.sweeps import cancel_sweep, resume_sweep, sweep_runs, sweep_summary
+
+    store = open_store(args)
+    if args.sweep_id is None:
+        rows = [[s.id, s.name, ", ".join(f"{k}: {v}" for k, v in s.spec.get("axes", {}).items()), len(store.list_runs(sweep_id=s.id, include_hidden=True))]
+                for s in store.list_sweeps()]
+        print(format_table(rows, ["id", "name", "swept", "runs"]))
+        return 0
+    sweep = store.get_sweep(args.sweep_id)
+    if args.cancel or args.resume:
+        acted = (cancel_sweep if args.cancel else resume_sweep)(store, sweep.id)
+        print(f"sweep {sweep.id}: {'cancelled' if args.cancel else 'resumed'} runs {', '.join(map(str, acted)) or '(none)'}", file=sys.stderr)
+        return 0
+    runs = sweep_runs(store, sweep.id)
+    axes = list(sweep.spec.get("axes", {}))
+    print(f"sweep {sweep.id}: {sweep.name}")
+    print(format_table(runs.astype(object).where(runs.notna(), None).values.tolist(), list(runs.columns)))
+    summary = sweep_summary(runs, axes)
+    if len(summary):
+        cols = [c for c in summary.columns if not c.endswith("_std")]
+        print("\n" + format_table([[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in summary[cols].values.tolist()], cols))
     return 0
 
 
@@ -285,6 +353,48 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("methods", "every method and loss term: what it does, its paper and its parameters with defaults")
+def cmd_methods(args: argparse.Namespace) -> int:
+    from kd_core.losses import describe_loss, loss_names
+    from kd_core.methods import METHODS, describe_method
+
+    def show(info: dict[str, Any]) -> None:
+        params = ", ".join(f"{k}={v!r}" for k, v in info["params"].items()) or "no parameters"
+        print(f"  {info['name']:<16} {info['summary']}")
+        print(f"  {'':<16} {params}" + (f"\n  {'':<16} {info['paper']}" if info.get("paper") else ""))
+        if info.get("caveat"):
+            print(f"  {'':<16} note: {info['caveat']}")
+
+    print("methods (config key `method: {name: NAME, params: {...}}`; they change the training loop):")
+    for name in sorted(METHODS):
+        show(describe_method(name))
+    print("\nloss terms (config key `recipe: [{loss: NAME, weight: W, params: {...}}]`):")
+    for name in loss_names():
+        show(describe_loss(name))
+    return 0
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", default="1x28x28", help="input size as CxHxW (default 1x28x28: mnist5k)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+
+
+@command("models", "every architecture with its parameter count at a given input size", _models_args)
+def cmd_models(args: argparse.Namespace) -> int:
+    from kd_core.models import MODELS, count_parameters, create_model
+
+    try:
+        channels, height, width = (int(v) for v in args.input.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input {args.input!r}: give channels x height x width, e.g. 3x32x32") from None
+    if height != width:
+        raise ValueError(f"--input {args.input!r}: images are square here; give equal height and width")
+    rows = [[name, info.family, f"{count_parameters(create_model(name, args.classes, channels, height)):,}", info.description]
+            for name, info in MODELS.items()]
+    print(format_table(rows, ["architecture", "family", f"parameters at {args.input}, {args.classes} classes", "description"]))
+    return 0
+
+
 @command("supervise", "keep the queue moving without a dashboard: notice dead workers, start queued runs (Ctrl-C stops)")
 def cmd_supervise(args: argparse.Namespace) -> int:
     from kd_core.runner.supervisor import Supervisor
@@ -306,6 +416,9 @@ def cmd_work(args: argparse.Namespace) -> int:
     from kd_core.runner.worker import main as work
 
     return work(args.run_id, args.db)
+
+
+OFFLINE_COMMANDS = ("work", "methods", "models")  # no database involved (the worker reconciles itself when it ends)
 
 
 def reconcile_first(args: argparse.Namespace) -> None:
@@ -340,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "work":
         return args.func(args)  # before any heavy import; see the module docstring
     try:
-        reconcile_first(args)
+        if args.command not in OFFLINE_COMMANDS:
+            reconcile_first(args)
         return args.func(args)
     except BrokenPipeError:  # `runs | head` closed the pipe: end quietly, like other command-line tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

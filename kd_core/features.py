@@ -11,6 +11,11 @@ from kd_core.losses.base import ModelShapes
 from kd_core.models import feature_spec
 
 
+def tokens_to_map(tokens: torch.Tensor, prefix: int, height: int, width: int) -> torch.Tensor:
+    """A token model's stage output ``[B, prefix + H*W, D]`` as a map ``[B, D, H, W]`` (prefix tokens dropped)."""
+    return tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
 class FeatureTap:
     """Collects stage maps and/or the penultimate embedding during each forward of ``model``.
 
@@ -20,6 +25,7 @@ class FeatureTap:
 
     def __init__(self, model: nn.Module, *, stages: bool = False, embedding: bool = False) -> None:
         spec = feature_spec(model)
+        self.tokens = spec.tokens
         self.stages: list[torch.Tensor] = []
         self.embedding: torch.Tensor | None = None
         self._handles: list[Any] = []
@@ -31,7 +37,7 @@ class FeatureTap:
             self._handles.append(classifier.register_forward_pre_hook(self._store_embedding))
 
     def _store_stage(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        self.stages.append(output)
+        self.stages.append(output if self.tokens is None else tokens_to_map(output, *self.tokens))
 
     def _store_embedding(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self.embedding = args[0]

@@ -23,12 +23,14 @@ from torch import nn
 class FeatureSpec:
     stages: tuple[str, ...]
     classifier: str
+    # token models: stage outputs are [B, prefix + H*W, D]; (prefix tokens, H, W) turns them into maps
+    tokens: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    family: str  # "small", "cifar", "torchvision"
+    family: str  # "small", "cifar", "torchvision", "timm"
     builder: Callable[[int, int, int], nn.Module]
     description: str
 
@@ -362,3 +364,28 @@ def _shufflenet_v2(num_classes: int, in_channels: int, image_size: int) -> nn.Mo
 
 
 TORCHVISION_ARCHS = {name for name, info in MODELS.items() if info.family == "torchvision"}
+
+
+# --------------------------------------------------------------------------- timm (kd_core.timm_models)
+
+
+def _timm_builder(name: str) -> Callable[[int, int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        from kd_core.timm_models import build as build_timm
+
+        model, stages, classifier, tokens = build_timm(name, num_classes, in_channels, image_size)
+        model.feature_spec = FeatureSpec(tuple(stages), classifier, tokens)
+        return model
+
+    return build
+
+
+def _register_timm() -> None:
+    from kd_core.timm_models import TIMM_ARCHS
+
+    for name, (_, description) in TIMM_ARCHS.items():
+        _register(name, "timm", description)(_timm_builder(name))
+
+
+_register_timm()
+

@@ -24,6 +24,9 @@ if [ "$role_exists" != "1" ]; then
     su postgres -c "psql -v ON_ERROR_STOP=1 -c \"CREATE ROLE ${PG_ROLE} LOGIN PASSWORD '${PG_PASSWORD}' CREATEDB\""
 fi
 
+# tests drop their databases WITH (FORCE), which may have to end an autovacuum worker of the superuser
+su postgres -c "psql -v ON_ERROR_STOP=1 -qc \"GRANT pg_signal_backend TO ${PG_ROLE}\""
+
 db_exists=$(su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='${PG_DB}'\"")
 if [ "$db_exists" != "1" ]; then
     su postgres -c "createdb -O ${PG_ROLE} ${PG_DB}"

@@ -5,6 +5,8 @@ Knows nothing about training or torch; kd_core talks to it through
 """
 
 from storage.db import StoreUnavailable, default_db_url, masked_url
-from storage.store import ArtifactRecord, RunRecord, RunSink, Store
+from storage.records import ArtifactRecord, RunRecord, SweepRecord
+from storage.sink import RunSink
+from storage.store import Store
 
-__all__ = ["ArtifactRecord", "RunRecord", "RunSink", "Store", "StoreUnavailable", "default_db_url", "masked_url"]
+__all__ = ["ArtifactRecord", "RunRecord", "RunSink", "SweepRecord", "Store", "StoreUnavailable", "default_db_url", "masked_url"]

@@ -57,10 +57,23 @@ runs = Table(
     Column("progress", JSON, nullable=False),
     Column("tags", JSON, nullable=False),
     Column("hidden", Boolean, nullable=False, server_default=false()),
+    Column("sweep_id", Integer, nullable=True),  # the sweep that launched the run (see 0004_sweeps)
     Index("ix_runs_status", "status"),
     Index("ix_runs_created_at", "created_at"),
     Index("ix_runs_parent_id", "parent_id"),
     Index("ux_runs_uid", "uid", unique=True),
+    Index("ix_runs_sweep_id", "sweep_id"),
+)
+
+# One launch of a grid of configs: the base config and the swept values (kd_core.sweeps).
+sweeps = Table(
+    "sweeps",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(32), nullable=False, unique=True),
+    Column("name", String(256), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 metrics = Table(
@@ -98,3 +111,24 @@ artifacts = Table(
     Column("created_at", Float, nullable=False),
     Index("ix_artifacts_run_kind", "run_id", "kind"),
 )
+
+# Pre-aggregated buckets of ``metrics``, written with every batch of rows (see storage.rollups): a chart
+# of a long series reads at most a few thousand of these instead of aggregating millions of rows.
+metric_rollups = Table(
+    "metric_rollups",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", name="fk_metric_rollups_run_id_runs", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("phase", String(32), primary_key=True),
+    Column("width", Integer, primary_key=True),  # steps per bucket: 16, 256 or 4096
+    Column("start", Integer, primary_key=True),  # first step of the bucket, a multiple of width
+    Column("step", Integer, nullable=False),  # first logged step in the bucket
+    Column("epoch", Integer, nullable=True),
+    Column("time", Float, nullable=False),
+    Column("vsum", Float, nullable=False),  # sum of the non-NULL values
+    Column("vmin", Float, nullable=True),
+    Column("vmax", Float, nullable=True),
+    Column("n_rows", Integer, nullable=False),
+    Column("n_values", Integer, nullable=False),
+)
+

@@ -132,3 +132,13 @@ def test_unknown_names_list_the_choices() -> None:
 def test_registry_metadata_is_consistent() -> None:
     assert {"digits", "mnist5k", "synthetic", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "imagefolder"} <= set(DATASETS)
     assert {info.name for info in DATASETS.values() if info.offline} >= {"digits", "mnist5k", "synthetic"}
+
+
+def test_normalization_is_the_datasets_own_whatever_the_seed_or_subset() -> None:
+    """A teacher reused by another run (another seed, another subset) must see the same inputs it was trained on."""
+    from kd_core.data import load_dataset
+
+    a = load_dataset("digits", val_fraction=0.1, subset=300, seed=0)
+    b = load_dataset("digits", val_fraction=0.2, subset=None, seed=5)
+    assert a.mean == b.mean and a.std == b.std
+    assert torch.equal(a.test_x, b.test_x)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from storage import Store
-from storage.store import BUCKET_COLUMNS, bucket_width
+from storage.metrics import BUCKET_COLUMNS, bucket_width
 from ui import metrics
 
 MAX_POINTS = 64

@@ -25,9 +25,9 @@ from sqlalchemy.exc import IntegrityError
 
 from storage import ArtifactRecord, RunRecord, RunSink, Store, default_db_url
 from storage.db import forget_migrations, run_migrations
-from storage.store import bucket_width
+from storage.metrics import bucket_width
 
-HEAD_REVISION = "0002_run_uid"  # the newest file in storage/migrations/versions
+HEAD_REVISION = "0004_sweeps"  # the newest file in storage/migrations/versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -682,3 +682,46 @@ def test_concurrent_first_open_migrates_once(store_url: str) -> None:
     with s.engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD_REVISION]
     s.dispose()
+
+
+# --------------------------------------------------------------------- pre-aggregated buckets
+def _raw_buckets(frame: pd.DataFrame, width: int) -> pd.DataFrame:
+    """The buckets computed from the raw rows in pandas: what the pre-aggregated ones must equal."""
+    frame = frame.assign(start=frame["step"] - frame["step"] % width)
+    grouped = frame.groupby("start").agg(step=("step", "min"), epoch=("epoch", "min"), value=("value", "mean"), min=("value", "min"),
+                                         max=("value", "max"), count=("value", "size"), n_values=("value", "count"), time=("time", "min"))
+    return grouped.reset_index()
+
+
+def test_pre_aggregated_buckets_equal_the_raw_rows_through_appends_and_resumes(store: Store) -> None:
+    """Rows arrive in uneven batches, some values are NaN, a resume deletes a tail and rewrites it:
+    every bucket width a chart can ask for still equals the aggregation of the raw rows."""
+    rng = np.random.default_rng(7)
+    run_id = store.create_run("rollups", {})
+    steps = np.arange(0, 20_000)
+    values = rng.normal(size=len(steps))
+    values[rng.choice(len(steps), 300, replace=False)] = np.nan
+    rows = [{"phase": "student", "step": int(s), "epoch": int(s) // 5000, "key": "loss/total", "value": float(v), "time": 1000.0 + s}
+            for s, v in zip(steps, values)]
+    cut = 0
+    while cut < len(rows):
+        size = int(rng.integers(1, 3000))
+        store.append_metrics(run_id, rows[cut:cut + size])
+        cut += size
+    store.delete_metrics_after(run_id, "student", 12_345)  # a resume from a checkpoint at step 12,345 ...
+    store.append_metrics(run_id, [{**r, "value": r["value"] + 1 if r["value"] == r["value"] else r["value"]} for r in rows[12_346:]])  # ... re-logs the rest
+    raw = store.metric_series(run_id, "loss/total", "student")
+    assert len(raw) == len(rows)
+    for width in (1, 8, 16, 32, 256, 1024, 4096, 8192):
+        got = store.metric_buckets(run_id, "loss/total", "student", width)
+        want = _raw_buckets(raw, width)
+        assert got["start"].tolist() == want["start"].tolist(), width
+        for col in ("step", "epoch", "count", "n_values"):
+            assert got[col].tolist() == want[col].tolist(), (width, col)
+        for col in ("value", "min", "max", "time"):
+            np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=1e-9, equal_nan=True, err_msg=f"{width} {col}")
+    tail = store.metric_buckets(run_id, "loss/total", "student", 256, since_step=15_000)
+    assert tail["start"].min() == 14_848 and tail.equals(store.metric_buckets(run_id, "loss/total", "student", 256).iloc[58:].reset_index(drop=True))
+    store.delete_run(run_id)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM metric_rollups")).scalar_one() == 0

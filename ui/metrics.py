@@ -32,7 +32,7 @@ import pandas as pd
 import streamlit as st
 
 from kd_core.runner import ACTIVE_STATUSES as ACTIVE
-from storage.store import BUCKET_COLUMNS, BUCKETED_COLUMNS, bucket_width
+from storage.metrics import BUCKET_COLUMNS, BUCKETED_COLUMNS, bucket_width
 from ui import charts
 
 ROLES = ("teacher", "student", "baseline")

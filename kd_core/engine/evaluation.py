@@ -8,20 +8,44 @@ from torch import nn
 
 from kd_core.data import iterate
 from kd_core.engine.precision import Precision
+from kd_core.features import FeatureTap
+from kd_core.methods.base import Method
 
 EVAL_BATCH = 512
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, precision: Precision | None = None) -> torch.Tensor:
-    """Float32 logits for ``x`` in eval mode, batched; training mode restored afterwards."""
+def outputs_with_embedding(model: nn.Module, x: torch.Tensor, precision: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits and penultimate embeddings for ``x`` in eval mode, batched; training mode restored."""
+    was_training = model.training
+    model.eval()
+    precision = precision or Precision("fp32", x.device.type)
+    logits, embeddings = [], []
+    with FeatureTap(model, embedding=True) as tap, precision.autocast():
+        for xb, _ in iterate(x, x, EVAL_BATCH):
+            logits.append(model(xb).float())
+            embeddings.append(tap.embedding.float())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(embeddings)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, precision: Precision | None = None, method: Method | None = None) -> torch.Tensor:
+    """Float32 logits for ``x`` in eval mode, batched; with a method, its prediction (e.g. DHO's blend)."""
+    if method is not None and "embedding" in method.student_needs:
+        logits, embedding = outputs_with_embedding(model, x, precision)
+        was_training = method.training
+        method.eval()
+        out = method.student_logits(logits, embedding)
+        method.train(was_training)
+        return out
     was_training = model.training
     model.eval()
     precision = precision or Precision("fp32", x.device.type)
     with precision.autocast():
         out = torch.cat([model(xb).float() for xb, _ in iterate(x, x, EVAL_BATCH)])
     model.train(was_training)
-    return out
+    return out if method is None else method.student_logits(out, None)
 
 
 def classification_metrics(logits: torch.Tensor, target: torch.Tensor, num_classes: int, teacher_logits: torch.Tensor | None = None) -> dict[str, float]:

@@ -4,7 +4,6 @@ trained epoch by epoch, resumable mid-epoch, then the end-of-run callbacks."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -15,20 +14,19 @@ import torch
 from torch import nn
 
 from kd_core.config import ExperimentConfig, LossTerm, config_fingerprint
-from kd_core.data import DataSplits, augment_batch, batch_indices, iterate, load_dataset, num_batches
+from kd_core.data import DataSplits, iterate, load_dataset
 from kd_core.engine.callbacks import AnalysisBundle, Callback, CKAAtCheckpoints
-from kd_core.engine.checkpoint import Checkpointer, load_weights, save_weights
-from kd_core.engine.errors import StopRequested, TrainingError
+from kd_core.engine.checkpoint import Checkpointer, load_weights
+from kd_core.engine.errors import TrainingError
 from kd_core.engine.evaluation import EVAL_BATCH, classification_metrics, confusion_matrix, predict
 from kd_core.engine.guard import NonFiniteGuard
-from kd_core.engine.optim import make_optimizer, make_scheduler
-from kd_core.engine.phases import Phase, Progress, plan_phases
+from kd_core.engine.phases import Progress, plan_phases, teacher_name, trained_here
 from kd_core.engine.precision import PrecisionError, resolve_precision
+from kd_core.engine.phase_run import PhaseRun
 from kd_core.engine.reporting import ProgressReporter
-from kd_core.engine.step import TrainStep, term_keys
-from kd_core.engine.teacher import TeacherOutputs, cache_blocker
 from kd_core.features import FeatureTap, probe_shapes
 from kd_core.losses import BuildContext, DistillLoss, create_loss
+from kd_core.methods import Method, MethodContext, create_method
 from kd_core.models import count_parameters, create_model
 from kd_core.sink import MetricLogger, MetricsSink
 from kd_core.teachers import RunTeachers, load_teacher_weights
@@ -77,7 +75,7 @@ class Experiment:
         if config.analysis.enabled:
             self.callbacks += [CKAAtCheckpoints(self), AnalysisBundle(self)]
         self.reporter = ProgressReporter(sink, self.phases, len(self.data.train_y), config.analysis.enabled, analysis_estimate_s)
-        self.teacher: nn.Module | None = None
+        self.teachers: list[nn.Module] = []  # the teacher, then any further teachers of an ensemble
         self._resume_state: dict[str, Any] | None = None
         self._clock = time.monotonic()
         self._last_checkpoint = time.monotonic()
@@ -91,21 +89,30 @@ class Experiment:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The (first) teacher: the one CKA, the analysis views and the model sizes refer to."""
+        return self.teachers[0] if self.teachers else None
+
     def prepare_teacher(self, progress: Progress) -> None:
-        """Build the teacher: trained in its own phase, or loaded/randomly initialised per ``source``."""
-        cfg = self.config.teacher
-        self.teacher = self.new_model(cfg.arch, seed_offset=1)
-        trained_here = self.phases[0].name == "teacher"
-        if trained_here and "teacher" in progress.results:
-            load_weights(self.teacher, self.dir / "teacher.safetensors")
-        elif cfg.source not in ("train", "random"):
-            load_teacher_weights(self.teacher, cfg.source, cfg.arch, self.data.num_classes, run_teachers=self.run_teachers)
+        """Build every teacher: trained in its own phase, or loaded/randomly initialised per ``source``."""
+        self.teachers = []
+        for i, cfg in enumerate(self.config.all_teachers):
+            teacher = self.new_model(cfg.arch, seed_offset=1 + i)
+            name = teacher_name(i)
+            if trained_here(cfg) and name in progress.results:
+                load_weights(teacher, self.dir / f"{name}.safetensors")
+            elif cfg.source not in ("train", "random"):
+                load_teacher_weights(teacher, cfg.source, cfg.arch, self.data.num_classes, run_teachers=self.run_teachers)
+            self.teachers.append(teacher)
 
     def freeze_teacher(self) -> nn.Module:
+        """Every teacher to eval mode without gradients; returns the first."""
+        for teacher in self.teachers:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
         assert self.teacher is not None
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         return self.teacher
 
     def build_losses(self, recipe: list[LossTerm], model: nn.Module, teacher: nn.Module | None) -> list[DistillLoss]:
@@ -123,6 +130,18 @@ class Experiment:
         for loss in losses:
             loss.build(context)
         return [loss.to(self.device) for loss in losses]
+
+    def build_method(self, student: nn.Module) -> Method | None:
+        """The config's method for the student phase, built from the shapes of the student and the teacher."""
+        if self.config.method is None:
+            return None
+        method = create_method(self.config.method.name, self.config.method.params)
+        teacher = self.freeze_teacher()
+        d = self.data
+        method.build(MethodContext(student=probe_shapes(student, d.in_channels, d.image_size), teacher=probe_shapes(teacher, d.in_channels, d.image_size),
+                                   num_classes=d.num_classes, num_train=len(d.train_y), in_channels=d.in_channels, image_size=d.image_size))
+        method.init_student(student, teacher)
+        return method.to(self.device)
 
     @torch.no_grad()
     def teacher_class_means(self, teacher: nn.Module) -> torch.Tensor:
@@ -144,13 +163,12 @@ class Experiment:
         self.prepare_teacher(progress)
         sizes = self.model_sizes()
         self.sink.update_summary(sizes)
-        if not any(p.name == "teacher" for p in self.phases) and "teacher" not in progress.results:
-            self.evaluate_fixed_teacher(progress)
+        self.evaluate_fixed_teachers(progress)
         while progress.phase_index < len(self.phases):
             phase = self.phases[progress.phase_index]
             progress.results[phase.name] = PhaseRun(self, phase, progress).run()
-            if phase.name == "teacher":
-                self.sink.update_summary({"teacher_acc": progress.results["teacher"]["last"]})
+            if phase.teacher_index is not None:
+                self.sink.update_summary(self.teacher_accuracies(progress))
             progress.next_phase()
             self.save_checkpoint(progress)
         summary = self.final_summary(progress)
@@ -166,17 +184,31 @@ class Experiment:
         t, s = count_parameters(self.teacher), count_parameters(student)
         return {"teacher_params": t, "student_params": s, "compression": round(t / s, 2), "device": str(self.device), "precision": self.precision.name}
 
-    def evaluate_fixed_teacher(self, progress: Progress) -> None:
-        teacher = self.freeze_teacher()
+    def evaluate_fixed_teachers(self, progress: Progress) -> None:
+        """Teachers not trained here (loaded, reused, random) are evaluated once, before any training."""
         split, x, y = self.data.eval_split()
-        metrics = classification_metrics(predict(teacher, x, self.precision), y, self.data.num_classes)
-        self.logger.log("teacher", 0, 0, {f"{split}/{k}": v for k, v in metrics.items()})
-        progress.results["teacher"] = {"last": self.test_report("teacher", teacher)["top1"]}
-        self.sink.update_summary({"teacher_acc": progress.results["teacher"]["last"]})
+        fixed = [(teacher_name(i), t) for i, (t, cfg) in enumerate(zip(self.teachers, self.config.all_teachers))
+                 if not trained_here(cfg) and teacher_name(i) not in progress.results]
+        for name, teacher in fixed:
+            teacher.eval().requires_grad_(False)
+            metrics = classification_metrics(predict(teacher, x, self.precision), y, self.data.num_classes)
+            self.logger.log(name, 0, 0, {f"{split}/{k}": v for k, v in metrics.items()})
+            progress.results[name] = {"last": self.test_report(name, teacher)["top1"]}
+        if fixed:
+            self.sink.update_summary(self.teacher_accuracies(progress))
 
-    def test_report(self, name: str, model: nn.Module) -> dict[str, Any]:
-        """Accuracy, per-class accuracy and confusion matrix of ``model`` on the test split (saved as JSON)."""
-        logits = predict(model, self.data.test_x, self.precision)
+    def teacher_accuracies(self, progress: Progress) -> dict[str, Any]:
+        """Test accuracy of the first teacher, and of each teacher when there are several (known so far)."""
+        accs = {teacher_name(i): progress.results[teacher_name(i)]["last"] for i in range(len(self.config.all_teachers))
+                if teacher_name(i) in progress.results}
+        out: dict[str, Any] = {"teacher_acc": accs.get("teacher")}
+        if len(self.config.all_teachers) > 1:
+            out["teacher_accs"] = accs
+        return out
+
+    def test_report(self, name: str, model: nn.Module, method: Method | None = None) -> dict[str, Any]:
+        """Accuracy, per-class accuracy and confusion matrix of ``model`` (through ``method``) on the test split (saved as JSON)."""
+        logits = predict(model, self.data.test_x, self.precision, method)
         metrics = classification_metrics(logits, self.data.test_y, self.data.num_classes)
         report = {
             "split": "test",
@@ -195,7 +227,7 @@ class Experiment:
         self.tick(progress)
         r = progress.results
         summary: dict[str, Any] = {
-            "teacher_acc": r.get("teacher", {}).get("last"),
+            **self.teacher_accuracies(progress),
             "student_acc": r["student"]["best"],
             "student_last_acc": r["student"]["last"],
             "recipe_extra_params": r["student"]["extra_params"],
@@ -240,142 +272,6 @@ class Experiment:
         """The mid-phase state a resumed run restores once (model, optimizer...); None after that."""
         state, self._resume_state = self._resume_state, None
         return state if state is not None and "model" in state else None
-
-
-class PhaseRun:
-    """Trains one phase's model epoch by epoch; a resumed run continues at the exact batch."""
-
-    def __init__(self, experiment: Experiment, phase: Phase, progress: Progress) -> None:
-        exp = self.experiment = experiment
-        self.phase, self.progress = phase, progress
-        cfg = phase.model_config
-        is_teacher = phase.name == "teacher"
-        self.model = exp.teacher if is_teacher else exp.new_model(cfg.arch)
-        assert self.model is not None
-        self.teacher = None if is_teacher else exp.freeze_teacher()
-        self.losses = exp.build_losses(phase.recipe, self.model, self.teacher)
-        params = list(self.model.parameters()) + [p for loss in self.losses for p in loss.parameters()]
-        self.optimizer = make_optimizer(params, cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
-        self.steps_per_epoch = num_batches(len(exp.data.train_y), cfg.batch_size)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        needs: set[str] = set().union(*(loss.needs for loss in self.losses))
-        teacher_needed = self.teacher is not None and bool(needs & {"logits", "embedding", "stages"})
-        why_live = cache_blocker(exp.config.cache_teacher, exp.config.dataset.augment, needs, self.losses)
-        self.teacher_outputs = TeacherOutputs(self.teacher, needs, exp.precision, why_live, exp.data.train_x) if teacher_needed else None
-        self.step = TrainStep(self.model, self.losses, phase.recipe, exp.precision, self.optimizer, self.teacher_outputs)
-        self.restore()
-        exp.sink.discard_metrics_after(phase.name, progress.step)
-        self.split, self.eval_x, self.eval_y = exp.data.eval_split()
-        self.eval_teacher_logits = predict(self.teacher, self.eval_x, exp.precision) if self.teacher is not None else None
-        exp.guard.start_phase(phase.name, cfg.optimizer.lr, {key: term.weight for key, term in zip(term_keys(phase.recipe), phase.recipe)})
-
-    def restore(self) -> None:
-        state = self.experiment.resume_state() if self.progress.step > 0 or self.progress.epoch > 0 else None
-        if state is None:
-            return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for loss, loss_state in zip(self.losses, state["losses"]):
-            loss.load_state_dict(loss_state)
-        if self.step.scaler is not None and "scaler" in state:
-            self.step.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"].cpu())
-
-    def state(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "losses": [loss.state_dict() for loss in self.losses]}
-        if self.step.scaler is not None:
-            state["scaler"] = self.step.scaler.state_dict()
-        return state
-
-    @property
-    def teacher_mode(self) -> dict[str, Any]:
-        outputs = self.teacher_outputs
-        if outputs is None:
-            return {}
-        return {"teacher_outputs": outputs.mode, "teacher_outputs_reason": outputs.why_live}
-
-    def run(self) -> dict[str, Any]:
-        exp = self.experiment
-        for callback in exp.callbacks:
-            callback.on_phase_start(self)
-        self.model.train()
-        exp.reporter.start_clock()
-        try:
-            for epoch in range(self.progress.epoch, self.phase.model_config.epochs):
-                self.train_epoch(epoch)
-                self.end_epoch(epoch)
-        finally:
-            self.step.close()
-            if self.teacher_outputs is not None:
-                self.teacher_outputs.close()
-            exp.logger.flush()
-        return self.finish()
-
-    def train_epoch(self, epoch: int) -> None:
-        exp, progress, cfg = self.experiment, self.progress, self.phase.model_config
-        progress.epoch = epoch
-        batches = batch_indices(len(exp.data.train_y), cfg.batch_size, shuffle=True, seed=exp.config.seed, epoch=epoch)
-        on_step = [c for c in exp.callbacks if type(c).on_step is not Callback.on_step]
-        for b in range(progress.batch, len(batches)):
-            t0 = time.perf_counter()
-            idx = batches[b].to(exp.device)
-            x, y = exp.data.train_x[idx], exp.data.train_y[idx]
-            if exp.config.dataset.augment:
-                # seeded per batch, so a run resumed mid-epoch sees the same crops and flips
-                aug_gen = torch.Generator().manual_seed((exp.config.seed * 7919 + epoch) * 100_003 + b)
-                x = augment_batch(x, flip=exp.data.flip, generator=aug_gen)
-            out = self.step(x, y, idx, epoch=epoch, epoch_progress=epoch + b / len(batches), step=progress.step, total_steps=self.total_steps)
-            progress.step += 1
-            progress.batch = b + 1
-            values = self.step.logged_values(out)
-            values["images_per_s"] = len(idx) / max(time.perf_counter() - t0, 1e-9)
-            exp.logger.log(self.phase.name, progress.step, epoch, values)
-            exp.reporter.images_seen += len(idx)
-            exp.reporter.training(self.phase, progress, self.steps_per_epoch, {**self.teacher_mode, "trained_s": exp.trained_s(progress)})
-            for callback in on_step:
-                callback.on_step(self, idx)
-            if exp.stop_requested():
-                exp.save_checkpoint(progress, self.state())
-                raise StopRequested()
-            if time.monotonic() - exp._last_checkpoint > exp.config.checkpoint_every_s:
-                exp.save_checkpoint(progress, self.state())
-
-    def end_epoch(self, epoch: int) -> None:
-        exp, progress = self.experiment, self.progress
-        self.scheduler.step()
-        progress.batch = 0
-        exp.logger.flush()  # the non-finite check runs before this epoch can become "best"
-        metrics = classification_metrics(predict(self.model, self.eval_x, exp.precision), self.eval_y, exp.data.num_classes, self.eval_teacher_logits)
-        exp.logger.log(self.phase.name, progress.step, epoch, {f"{self.split}/{k}": v for k, v in metrics.items()})
-        for callback in exp.callbacks:
-            callback.on_epoch_end(self, epoch + 1)
-        if metrics["top1"] > progress.best_top1:
-            progress.best_top1 = metrics["top1"]
-            save_weights(self.model, exp.dir / f"{self.phase.name}_best.safetensors")
-        progress.epoch = epoch + 1
-        exp.save_checkpoint(progress, self.state())
-
-    def finish(self) -> dict[str, Any]:
-        exp, phase = self.experiment, self.phase
-        last_path = exp.dir / f"{phase.name}.safetensors"
-        save_weights(self.model, last_path)
-        exp.sink.add_artifact("checkpoint", str(last_path), {"model": phase.name, "which": "last", "arch": phase.model_config.arch})
-        extras = nn.ModuleList(self.losses)
-        extra_params = sum(p.numel() for p in extras.parameters())
-        if extra_params:
-            save_weights(extras, exp.dir / f"{phase.name}_recipe_extras.safetensors")
-        result = {"last": exp.test_report(f"{phase.name}_last", self.model)["top1"], "extra_params": extra_params, **self.teacher_mode}
-        best_path = exp.dir / f"{phase.name}_best.safetensors"
-        if best_path.exists():
-            load_weights(self.model, best_path)
-            exp.sink.add_artifact("checkpoint", str(best_path), {"model": phase.name, "which": "best", "arch": phase.model_config.arch})
-        result["best"] = exp.test_report(f"{phase.name}_best", self.model)["top1"]
-        if phase.name == "teacher":
-            load_weights(self.model, last_path)
-        return result
 
 
 def run_experiment(config: ExperimentConfig, sink: MetricsSink, artifacts_dir: str | Path, *, stop_requested: Callable[[], bool] = lambda: False,

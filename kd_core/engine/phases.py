@@ -12,22 +12,25 @@ CE_ONLY = [LossTerm(loss="ce", weight=1.0)]
 
 @dataclass
 class Phase:
-    """One model trained from start to end: the teacher, the distilled student or the baseline."""
+    """One model trained from start to end: a teacher, the distilled student or the baseline."""
 
-    name: str  # "teacher" | "student" | "baseline"
+    name: str  # "teacher", "teacher_2"... | "student" | "baseline"
     model_config: TrainingConfig
     recipe: list[LossTerm]
+    teacher_index: int | None = None  # which of the config's teachers this phase trains
 
-    @property
-    def distills(self) -> bool:
-        """The student phase learns from the teacher; the teacher and the CE-only baseline do not."""
-        return self.name == "student"
+
+def teacher_name(index: int) -> str:
+    """The first teacher is "teacher"; further ones (an ensemble) are "teacher_2", "teacher_3"..."""
+    return "teacher" if index == 0 else f"teacher_{index + 1}"
+
+
+def trained_here(teacher: TrainingConfig) -> bool:
+    return getattr(teacher, "source", "train") in ("train", "torchvision") and teacher.epochs > 0
 
 
 def plan_phases(config: ExperimentConfig) -> list[Phase]:
-    phases = []
-    if config.teacher.source in ("train", "torchvision") and config.teacher.epochs > 0:
-        phases.append(Phase("teacher", config.teacher, CE_ONLY))
+    phases = [Phase(teacher_name(i), t, CE_ONLY, i) for i, t in enumerate(config.all_teachers) if trained_here(t)]
     phases.append(Phase("student", config.student, config.recipe))
     if config.baseline:
         phases.append(Phase("baseline", config.student, CE_ONLY))

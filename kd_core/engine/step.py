@@ -16,6 +16,7 @@ from kd_core.engine.precision import Precision
 from kd_core.engine.teacher import TeacherOutputs
 from kd_core.features import FeatureTap
 from kd_core.losses import DistillLoss, LossInputs
+from kd_core.methods.base import Batch, Method, StudentOutputs
 
 
 def term_keys(recipe: list[LossTerm]) -> list[str]:
@@ -43,10 +44,10 @@ class StepOutput:
 
 
 class TrainStep:
-    """Forward, loss terms, backward and optimizer update for one batch."""
+    """Forward, loss terms (the recipe's and a method's), backward and optimizer update for one batch."""
 
     def __init__(self, model: nn.Module, losses: list[DistillLoss], recipe: list[LossTerm], precision: Precision,
-                 optimizer: torch.optim.Optimizer, teacher: TeacherOutputs | None) -> None:
+                 optimizer: torch.optim.Optimizer, teacher: TeacherOutputs | None, method: Method | None = None) -> None:
         self.model = model
         self.losses = losses
         self.recipe = recipe
@@ -55,30 +56,43 @@ class TrainStep:
         self.optimizer = optimizer
         self.scaler = precision.grad_scaler()
         self.teacher = teacher
-        self.needs: set[str] = set().union(*(loss.needs for loss in losses))
+        self.method = method
+        self.needs: set[str] = set().union(*(loss.needs for loss in losses), method.student_needs if method else ())
         self.tap = FeatureTap(model, stages="stages" in self.needs, embedding="embedding" in self.needs)
         # terms whose schedule follows their own value (TAID) get it after every step
         self.adaptive = [(key, loss) for key, loss in zip(self.keys, losses) if type(loss).after_step is not DistillLoss.after_step]
 
-    def compute_terms(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *, epoch: int, step: int, total_steps: int) -> tuple[LossInputs, dict[str, torch.Tensor]]:
-        """Forward passes under autocast; each loss term outside it, on float32 inputs."""
+    def compute_terms(self, batch: Batch, *, epoch: int, step: int, total_steps: int, epoch_progress: float = 0.0) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+        """Forward passes under autocast; each loss term outside it, on float32 inputs.
+
+        The recipe's terms come first (by :func:`term_keys`), then the method's own, as ``<method>.<term>``.
+        """
         with self.precision.autocast():
             self.tap.clear()
-            logits = self.model(x)
+            logits = self.model(batch.x)
             if self.teacher is not None:
-                self.teacher.forward(x)
-        inputs = LossInputs(student_logits=logits.float(), target=y, index=idx, epoch=epoch, step=step, total_steps=total_steps)
+                self.teacher.forward(batch.x)
+        student = StudentOutputs(logits.float(), _float(self.tap.embedding), [s.float() for s in self.tap.stages])
+        inputs = LossInputs(student_logits=student.logits, target=batch.y, index=batch.idx, soft_target=batch.soft_target,
+                            epoch=epoch, step=step, total_steps=total_steps)
         if "embedding" in self.needs:
-            inputs.student_embedding = _float(self.tap.embedding)
+            inputs.student_embedding = student.embedding
         if "stages" in self.needs:
-            inputs.student_stages = [s.float() for s in self.tap.stages]
+            inputs.student_stages = student.stages
         if self.teacher is not None:
-            self.teacher.fill(inputs, idx)
-        return inputs, {key: loss(inputs).float() for key, loss in zip(self.keys, self.losses)}
+            self.teacher.fill(inputs, batch.idx)
+        distill = inputs if self.method is None else self.method.distill_inputs(inputs, student)
+        terms = {key: loss(distill if loss.reads_teacher else inputs).float() for key, loss in zip(self.keys, self.losses)}
+        if self.method is not None:
+            own = self.method.losses(inputs, student, epoch_progress)
+            terms.update({f"{self.method.name}.{name}": value.float() for name, value in own.items()})
+        return inputs, terms
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *, epoch: int, epoch_progress: float, step: int, total_steps: int) -> StepOutput:
-        inputs, terms = self.compute_terms(x, y, idx, epoch=epoch, step=step, total_steps=total_steps)
+    def __call__(self, batch: Batch, *, epoch: int, epoch_progress: float, step: int, total_steps: int) -> StepOutput:
+        inputs, terms = self.compute_terms(batch, epoch=epoch, step=step, total_steps=total_steps, epoch_progress=epoch_progress)
         total = sum(term_weight(term, epoch_progress) * terms[key] for key, term in zip(self.keys, self.recipe))
+        if self.method is not None:  # a method's terms carry their own weights
+            total = total + sum(value for key, value in terms.items() if key.startswith(f"{self.method.name}."))
         assert isinstance(total, torch.Tensor)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
@@ -97,6 +111,8 @@ class TrainStep:
         values.update({f"loss/{k}": v.detach() for k, v in out.terms.items()})
         for _, loss in self.adaptive:
             values.update(loss.logged_values())
+        if self.method is not None:
+            values.update(self.method.logged_values())
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         return values
 

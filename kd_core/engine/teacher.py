@@ -16,14 +16,17 @@ from kd_core.engine.evaluation import EVAL_BATCH
 from kd_core.engine.precision import Precision
 from kd_core.features import FeatureTap
 from kd_core.losses import DistillLoss, LossInputs
+from kd_core.methods.base import Method
 
 
-def cache_blocker(enabled: bool, augment: bool, needs: set[str], losses: list[DistillLoss]) -> str | None:
+def cache_blocker(enabled: bool, augment: bool, needs: set[str], losses: list[DistillLoss], method: Method | None = None) -> str | None:
     """Why teacher outputs cannot be cached for this phase, or None when they can."""
     if not enabled:
         return "cache_teacher is off"
     if augment:
         return "augmentation changes the teacher's input every epoch"
+    if method is not None and method.varies_teacher_inputs:
+        return method.varies_teacher_inputs
     if "stages" in needs:
         return "the recipe needs stage feature maps, which are too large to keep"
     varying = [loss.name for loss in losses if not loss.teacher_cacheable]

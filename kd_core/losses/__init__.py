@@ -5,7 +5,6 @@ Importing this package registers every term (``ce``, ``kd``, ``dkd`` …) in :da
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from kd_core.losses.base import (
@@ -30,22 +29,13 @@ from kd_core.losses.logit import (
     pld_loss,
     taid_loss,
 )
+from kd_core.losses.params import constructor_params
 from kd_core.losses.relation import pkt_loss, rkd_loss, sp_loss
 
 
 def loss_names() -> list[str]:
     """Names usable in a recipe, sorted."""
     return sorted(LOSSES)
-
-
-def _constructor_params(cls: type[DistillLoss]) -> dict[str, Any]:
-    """The keyword arguments a recipe's ``params:`` may set, with their defaults."""
-    signature = inspect.signature(cls.__init__)
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
 
 
 def describe_loss(name: str) -> dict[str, Any]:
@@ -58,7 +48,7 @@ def describe_loss(name: str) -> dict[str, Any]:
         "name": name,
         "summary": getattr(cls, "summary", ""),
         "needs": sorted(cls.needs),
-        "params": _constructor_params(cls),
+        "params": constructor_params(cls),
         "paper": getattr(cls, "paper", ""),
     }
 

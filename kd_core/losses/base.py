@@ -38,6 +38,7 @@ class LossInputs:
     student_stages: list[torch.Tensor] | None = None
     teacher_stages: list[torch.Tensor] | None = None
     index: torch.Tensor | None = None
+    soft_target: torch.Tensor | None = None  # [B, C] label probabilities when a method mixes samples (mixup)
     epoch: int = 0  # 0-based epoch of the student phase
     step: int = 0  # global optimizer step of the student phase
     total_steps: int = 1  # steps the student phase will take in all
@@ -78,6 +79,11 @@ class DistillLoss(nn.Module):
     # The engine caches teacher logits and embeddings (never stage maps) when inputs do not vary between
     # epochs; a loss that changes the teacher's input itself (mixup, masking) sets this to False.
     teacher_cacheable: ClassVar[bool] = True
+
+    @property
+    def reads_teacher(self) -> bool:
+        """True for distillation terms; a method may change what these see (another head, rescaled logits)."""
+        return bool(self.needs & {"logits", "embedding", "stages", "class_means"})
 
     def build(self, context: BuildContext) -> None:  # noqa: B027 - optional hook
         """Create adapters from shapes. Default: nothing to build."""

@@ -9,7 +9,7 @@ against its own row in the *other* side's bank (the positive) and K random rows 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,10 @@ class CRD(DistillLoss):
         self.memory_teacher = torch.rand(shape).mul_(2 * bound).sub_(bound)
         self.z_constants = torch.full((2,), -1.0)  # [Z_student_anchor, Z_teacher_anchor]; <0 = unset
         self._z_frozen = False
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_frozen = False  # the loaded constants may be unset (<0): look at them again on the next call
 
     def _partition_constants(self, scores_s: torch.Tensor, scores_t: torch.Tensor) -> torch.Tensor:
         """``[Z_s, Z_t]``, estimated once from the first batch as ``mean(score)·N`` and then frozen."""

@@ -288,7 +288,10 @@ class TAIDSchedule(nn.Module):
 
 @register_loss
 class CrossEntropy(DistillLoss):
-    """Cross-entropy with the hard labels (the student's own supervised term; not a distillation paper)."""
+    """Cross-entropy with the labels: the student's own supervised term (not a distillation paper).
+
+    When a method mixes samples (mixup), the mixed label probabilities replace the hard labels.
+    """
 
     name = "ce"
     needs = frozenset(["target"])
@@ -300,9 +303,8 @@ class CrossEntropy(DistillLoss):
         self.label_smoothing = label_smoothing
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        return F.cross_entropy(
-            inputs.student_logits, inputs.target, label_smoothing=self.label_smoothing
-        )
+        target = inputs.target if inputs.soft_target is None else inputs.soft_target
+        return F.cross_entropy(inputs.student_logits, target, label_smoothing=self.label_smoothing)
 
 
 @register_loss

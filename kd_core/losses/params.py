@@ -32,6 +32,16 @@ OVERRIDES: dict[tuple[str, str], Check] = {
 }
 
 
+def constructor_params(cls: type) -> dict[str, Any]:
+    """The keyword arguments a config's ``params:`` may set for a registered class, with their defaults."""
+    signature = inspect.signature(cls.__init__)
+    return {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
 def _type_error(value: Any, default: Any) -> str | None:
     """Values follow the type of the default: numbers for floats, whole numbers for ints, true/false for flags."""
     if isinstance(default, bool):

@@ -178,6 +178,8 @@ def dispatch(store: Store, executor: Executor) -> list[int]:
         for run in queued:
             if len(started) >= free:
                 break
+            if not _teacher_ready(store, run):
+                continue  # waits for the run that trains its teacher (a sweep's shared teacher)
             claim = {"executor": executor.name, "host": HOST, "heartbeat_at": time.time(), "pid": None,
                      "executor_ref": None, "error": None, "finished_at": None, "log_path": str(log_path_for(run))}
             if not store.transition(run.id, "queued", "starting", **claim):
@@ -190,6 +192,30 @@ def dispatch(store: Store, executor: Executor) -> list[int]:
                 continue
             started.append(run.id)
     return started
+
+
+def _teacher_ready(store: Store, run: RunRecord) -> bool:
+    """A run reusing ``run:<id>``'s teacher may start once that teacher exists; if that run ended without
+    one, this run fails with the reason instead of waiting forever."""
+    source = str((run.config.get("teacher") or {}).get("source", ""))
+    if not source.startswith("run:"):
+        return True
+    from kd_core.teachers import TeacherUnavailable, run_teachers_in
+
+    teacher_run = int(source[4:])
+    try:
+        run_teachers_in(store)(teacher_run)
+        return True
+    except TeacherUnavailable as exc:
+        try:
+            status = store.get_run(teacher_run).status
+        except KeyError:
+            status = "deleted"
+        if status in ACTIVE_STATUSES:
+            return False
+        store.transition(run.id, "queued", "failed", finished_at=time.time(),
+                         error=f"its teacher was to come from run {teacher_run}, which is {status} without one ({exc}); resume run {teacher_run} first, then this one")
+        return False
 
 
 def reconcile(store: Store) -> list[int]:

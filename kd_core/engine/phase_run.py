@@ -1,0 +1,183 @@
+"""One phase of a run (a teacher, the distilled student or the baseline), trained epoch by epoch.
+
+A resumed run continues at the exact batch: model, optimizer, scheduler, loss and method state and the
+RNG come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kd_core.data import augment_batch, batch_indices, num_batches
+from kd_core.engine.callbacks import Callback
+from kd_core.engine.checkpoint import load_weights, save_weights
+from kd_core.engine.errors import StopRequested
+from kd_core.engine.evaluation import classification_metrics, predict
+from kd_core.engine.optim import make_optimizer, make_scheduler
+from kd_core.engine.phases import Phase, Progress
+from kd_core.engine.step import TrainStep, term_keys
+from kd_core.engine.teacher import TeacherOutputs, cache_blocker
+from kd_core.methods import Batch
+
+if TYPE_CHECKING:
+    from kd_core.engine.experiment import Experiment
+
+
+class PhaseRun:
+    """Trains one phase's model epoch by epoch; a resumed run continues at the exact batch."""
+
+    def __init__(self, experiment: Experiment, phase: Phase, progress: Progress) -> None:
+        exp = self.experiment = experiment
+        self.phase, self.progress = phase, progress
+        cfg = phase.model_config
+        trains_teacher = phase.teacher_index is not None
+        self.model = exp.teachers[phase.teacher_index] if phase.teacher_index is not None else exp.new_model(cfg.arch)
+        self.teacher = None if trains_teacher else exp.freeze_teacher()
+        self.losses = exp.build_losses(phase.recipe, self.model, self.teacher)
+        self.method = exp.build_method(self.model) if phase.name == "student" else None
+        params = list(self.model.parameters()) + [p for module in (*self.losses, self.method) if module is not None for p in module.parameters()]
+        self.optimizer = make_optimizer(params, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.steps_per_epoch = num_batches(len(exp.data.train_y), cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        # the outputs the student learns from: the teacher, or what a method makes of the teachers (an ensemble)
+        self.target_teacher = self.method.distill_teacher(exp.teachers) if self.method is not None and self.teacher is not None else self.teacher
+        needs: set[str] = set().union(*(loss.needs for loss in self.losses), self.method.teacher_needs if self.method else ())
+        teacher_needed = self.target_teacher is not None and bool(needs & {"logits", "embedding", "stages"})
+        why_live = cache_blocker(exp.config.cache_teacher, exp.config.dataset.augment, needs, self.losses, self.method)
+        self.teacher_outputs = TeacherOutputs(self.target_teacher, needs, exp.precision, why_live, exp.data.train_x) if teacher_needed else None
+        self.step = TrainStep(self.model, self.losses, phase.recipe, exp.precision, self.optimizer, self.teacher_outputs, self.method)
+        self.restore()
+        exp.sink.discard_metrics_after(phase.name, progress.step)
+        self.split, self.eval_x, self.eval_y = exp.data.eval_split()
+        self.eval_teacher_logits = predict(self.target_teacher, self.eval_x, exp.precision) if self.target_teacher is not None else None
+        exp.guard.start_phase(phase.name, cfg.optimizer.lr, {key: term.weight for key, term in zip(term_keys(phase.recipe), phase.recipe)})
+
+    def restore(self) -> None:
+        state = self.experiment.resume_state() if self.progress.step > 0 or self.progress.epoch > 0 else None
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for loss, loss_state in zip(self.losses, state["losses"]):
+            loss.load_state_dict(loss_state)
+        if self.method is not None:
+            self.method.load_state_dict(state["method"])
+        if self.step.scaler is not None and "scaler" in state:
+            self.step.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+
+    def state(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "losses": [loss.state_dict() for loss in self.losses]}
+        if self.method is not None:
+            state["method"] = self.method.state_dict()
+        if self.step.scaler is not None:
+            state["scaler"] = self.step.scaler.state_dict()
+        return state
+
+    @property
+    def teacher_mode(self) -> dict[str, Any]:
+        outputs = self.teacher_outputs
+        if outputs is None:
+            return {}
+        return {"teacher_outputs": outputs.mode, "teacher_outputs_reason": outputs.why_live}
+
+    def run(self) -> dict[str, Any]:
+        exp = self.experiment
+        for callback in exp.callbacks:
+            callback.on_phase_start(self)
+        self.model.train()
+        exp.reporter.start_clock()
+        try:
+            for epoch in range(self.progress.epoch, self.phase.model_config.epochs):
+                self.train_epoch(epoch)
+                self.end_epoch(epoch)
+        finally:
+            self.step.close()
+            if self.teacher_outputs is not None:
+                self.teacher_outputs.close()
+            exp.logger.flush()
+        return self.finish()
+
+    def train_epoch(self, epoch: int) -> None:
+        exp, progress, cfg = self.experiment, self.progress, self.phase.model_config
+        progress.epoch = epoch
+        batches = batch_indices(len(exp.data.train_y), cfg.batch_size, shuffle=True, seed=exp.config.seed, epoch=epoch)
+        on_step = [c for c in exp.callbacks if type(c).on_step is not Callback.on_step]
+        for b in range(progress.batch, len(batches)):
+            t0 = time.perf_counter()
+            idx = batches[b].to(exp.device)
+            x, y = exp.data.train_x[idx], exp.data.train_y[idx]
+            if exp.config.dataset.augment:
+                # seeded per batch, so a run resumed mid-epoch sees the same crops and flips
+                aug_gen = torch.Generator().manual_seed((exp.config.seed * 7919 + epoch) * 100_003 + b)
+                x = augment_batch(x, flip=exp.data.flip, generator=aug_gen)
+            batch = Batch(x, y, idx)
+            if self.method is not None:
+                batch = self.method.prepare_batch(batch, torch.Generator().manual_seed((exp.config.seed * 7927 + epoch) * 100_019 + b))
+            out = self.step(batch, epoch=epoch, epoch_progress=epoch + b / len(batches), step=progress.step, total_steps=self.total_steps)
+            progress.step += 1
+            progress.batch = b + 1
+            values = self.step.logged_values(out)
+            values["images_per_s"] = len(idx) / max(time.perf_counter() - t0, 1e-9)
+            exp.logger.log(self.phase.name, progress.step, epoch, values)
+            exp.reporter.images_seen += len(idx)
+            exp.reporter.training(self.phase, progress, self.steps_per_epoch, {**self.teacher_mode, "trained_s": exp.trained_s(progress)})
+            for callback in on_step:
+                callback.on_step(self, idx)
+            if exp.stop_requested():
+                exp.save_checkpoint(progress, self.state())
+                raise StopRequested()
+            if time.monotonic() - exp._last_checkpoint > exp.config.checkpoint_every_s:
+                exp.save_checkpoint(progress, self.state())
+
+    def end_epoch(self, epoch: int) -> None:
+        exp, progress = self.experiment, self.progress
+        self.scheduler.step()
+        progress.batch = 0
+        exp.logger.flush()  # the non-finite check runs before this epoch can become "best"
+        method_values = self.method.on_epoch_end(self, exp.precision) if self.method is not None else {}
+        metrics = classification_metrics(self.predict(self.eval_x), self.eval_y, exp.data.num_classes, self.eval_teacher_logits)
+        exp.logger.log(self.phase.name, progress.step, epoch, {**{f"{self.split}/{k}": v for k, v in metrics.items()}, **method_values})
+        for callback in exp.callbacks:
+            callback.on_epoch_end(self, epoch + 1)
+        if metrics["top1"] > progress.best_top1:
+            progress.best_top1 = metrics["top1"]
+            save_weights(self.model, exp.dir / f"{self.phase.name}_best.safetensors")
+            if self.method is not None:
+                save_weights(self.method, exp.dir / f"{self.phase.name}_best_method.safetensors")
+        progress.epoch = epoch + 1
+        exp.save_checkpoint(progress, self.state())
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The phase's prediction for ``x``: the model's logits, or what the method makes of them (a blend)."""
+        return predict(self.model, x, self.experiment.precision, self.method)
+
+    def finish(self) -> dict[str, Any]:
+        exp, phase = self.experiment, self.phase
+        last_path = exp.dir / f"{phase.name}.safetensors"
+        save_weights(self.model, last_path)
+        exp.sink.add_artifact("checkpoint", str(last_path), {"model": phase.name, "which": "last", "arch": phase.model_config.arch})
+        extras = nn.ModuleList(self.losses)
+        extra_params = sum(p.numel() for module in (extras, self.method) if module is not None for p in module.parameters())
+        if any(True for _ in extras.parameters()):
+            save_weights(extras, exp.dir / f"{phase.name}_recipe_extras.safetensors")
+        if self.method is not None:
+            save_weights(self.method, exp.dir / f"{phase.name}_method.safetensors")
+        result = {"last": exp.test_report(f"{phase.name}_last", self.model, self.method)["top1"], "extra_params": extra_params, **self.teacher_mode}
+        best_path = exp.dir / f"{phase.name}_best.safetensors"
+        if best_path.exists():
+            load_weights(self.model, best_path)
+            if self.method is not None:
+                load_weights(self.method, exp.dir / f"{phase.name}_best_method.safetensors")
+            exp.sink.add_artifact("checkpoint", str(best_path), {"model": phase.name, "which": "best", "arch": phase.model_config.arch})
+        result["best"] = exp.test_report(f"{phase.name}_best", self.model, self.method)["top1"]
+        if phase.teacher_index is not None:
+            load_weights(self.model, last_path)
+        return result
