@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from kd_core.data import DATASETS
 from kd_core.losses import LOSSES
+from kd_core.methods import METHODS
 from kd_core.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,8 @@ def state_mutations(data_home: Path) -> st.SearchStrategy[tuple[str, Any, str]]:
         st.tuples(st.just("term:p_temperature"), st.one_of(st.floats(max_value=0), not_finite, not_numbers.filter(lambda v: v is not None)), st.just("recipe[1].params.temperature")),
         st.tuples(st.just("term:extra"), st.sampled_from(["{temprature: 4}", "[[", "5", "{alpha: 1, beta: 2}", "☃: 1"]), st.just("recipe[1].params")),
         st.tuples(st.just("recipe:none"), st.just([]), st.just("recipe")),
+        st.tuples(st.just("nx_method"), unknown(set(METHODS) | {"none"}), st.just("method.name")),
+        st.tuples(st.just("method:params"), st.sampled_from(["[[", "5", "{nope: 1}", "- a list"]), st.just("method.params")),
         st.tuples(st.just("recipe:zero"), st.just(0.0), st.just("recipe")),
     )
 
@@ -132,6 +135,8 @@ def mutate(state: dict[str, Any], key: str, value: Any) -> None:
         state.update({"file": {"nx_t_src_file": value}, "run": {"nx_t_src_run": value}, "upload": {"nx_t_upload_path": value}}[detail])
     elif kind == "term":
         state[f"nx_r{kd}_{detail}"] = value
+    elif key == "method:params":
+        state["nx_method"], state["nx_method_params"] = "dho", value
     elif key == "recipe:none":
         state["nx_recipe_ids"] = value
     elif key == "recipe:zero":
@@ -208,7 +213,9 @@ def config_mutations() -> st.SearchStrategy[tuple[str, str, Any]]:
              "student.batch_size": INT_LIKE, "student.optimizer.lr": FLOAT_LIKE, "dataset": SECTION, "teacher.optimizer": SECTION,
              "recipe": st.one_of(st.just([]), words, st.dictionaries(words, words, max_size=2)), "recipe.1.params": words,
              "recipe.1.weight": FLOAT_LIKE, "baseline": BOOL_LIKE, "analysis.projections": words, "teacher.source": st.one_of(st.integers(), st.lists(words)),
-             "name": st.one_of(st.integers(), st.lists(words, min_size=1)), "student.scheduler": st.integers()}
+             "name": st.one_of(st.integers(), st.lists(words, min_size=1)), "student.scheduler": st.integers(),
+             "method": st.one_of(words, st.integers()), "teachers": st.lists(st.just({"arch": "cnn_small"}), min_size=1, max_size=2),
+             "sweep": st.dictionaries(st.just("seed"), st.lists(st.integers(0, 9), min_size=1), min_size=1)}
     sections = [(), ("dataset",), ("teacher",), ("student", "optimizer"), ("analysis",), ("recipe", 0)]
     return st.one_of(
         st.tuples(st.just("drop"), st.sampled_from(required).map(_parts), st.none()),

@@ -60,8 +60,11 @@ FIELDS: tuple[Field, ...] = (
 )
 SECTIONS = ("dataset", "teacher", "student", "analysis", "teacher.optimizer", "teacher.scheduler", "student.optimizer",
             "student.scheduler")
-# config paths the form handles outside FIELDS
-SPECIAL = ("teacher.source", "teacher.scheduler.milestones", "student.scheduler.milestones", "recipe")
+NO_METHOD = "none"
+NOT_IN_FORM = {  # fields the form cannot edit: a config that uses them is refused by name, never loaded without them
+    "teachers": "ensembles of teachers are not in the form yet: launch this config with `python -m kd_core run FILE`",
+    "sweep": "this config is a sweep (several runs): launch it with `python -m kd_core sweep FILE`",
+}
 TEXT_KEYS = tuple(f.key for f in FIELDS if f.kind == TEXT) + ("t_src_file", "t_milestones", "s_milestones")
 SOURCES = {
     "train": "Train it here first",
@@ -187,7 +190,7 @@ def config_to_state(config: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]
         return {}, [("(top level)", "a config is a mapping of fields, e.g. name:, teacher:, student:, recipe:")]
     config = _normalised(config)
     defaults = default_values()
-    problems = _unknown_fields(config, defaults) + [
+    problems = _not_in_form(config) + _unknown_fields({k: v for k, v in config.items() if k not in NOT_IN_FORM}, defaults) + [
         (path, f"expected a mapping of fields, got {lookup(config, path)!r}") for path in SECTIONS
         if lookup(config, path) is not _MISSING and not isinstance(lookup(config, path), Mapping)
     ]
@@ -215,8 +218,28 @@ def config_to_state(config: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]
     if why:
         problems.append(("teacher.source", why))
     state.update(source_state)
+    method_state, method_problems = method_to_state(config.get("method"))
     recipe_state, recipe_problems = recipe_to_state(config.get("recipe", _MISSING))
-    return {**state, **recipe_state}, problems + recipe_problems
+    return {**state, **method_state, **recipe_state}, problems + method_problems + recipe_problems
+
+
+def _not_in_form(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(key, why) for key, why in NOT_IN_FORM.items() if config.get(key) not in (None, [], {})]
+
+
+def method_to_state(method: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The Method choice and its parameters (as a YAML mapping) for ``method: {name, params}`` or none."""
+    if method is None:
+        return {f"{P}method": NO_METHOD, f"{P}method_params": ""}, []
+    if not isinstance(method, Mapping):
+        return {}, [("method", f"expected {{name: NAME, params: {{...}}}}, got {method!r}")]
+    problems = [(f"method.{k}", "not a field of a method; allowed: name, params") for k in method if k not in ("name", "params")]
+    name, params = method.get("name"), method.get("params") or {}
+    if not isinstance(name, str):
+        problems.append(("method.name", f"expected the name of a method, got {name!r}"))
+    if not isinstance(params, Mapping):
+        problems.append(("method.params", f"expected a mapping of parameters, got {params!r}"))
+    return {f"{P}method": name, f"{P}method_params": _yaml_line(dict(params)) if params and not problems else ""}, problems
 
 
 def _milestones_text(value: Any) -> tuple[str, str]:
@@ -244,7 +267,7 @@ def source_to_state(source: Any) -> tuple[dict[str, Any], str]:
 def recipe_to_state(recipe: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     if recipe is _MISSING:
         return {}, [("recipe", "missing: the config must list at least one loss term")]
-    if not isinstance(recipe, list) or not recipe:
+    if not isinstance(recipe, list):
         return {}, [("recipe", f"expected a list of loss terms, e.g. [{{loss: ce}}, {{loss: kd}}], got {recipe!r}")]
     state: dict[str, Any] = {}
     problems: list[tuple[str, str]] = []
@@ -317,7 +340,22 @@ def state_to_config(s: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[st
         _put(config, f"{role}.scheduler.milestones", milestones)
     config["teacher"] = {"arch": config["teacher"].pop("arch"), "source": teacher_source(s), **config["teacher"]}
     config["recipe"], recipe_problems = recipe_from_state(s)
-    return config, problems + recipe_problems
+    config["method"], method_problems = method_from_state(s)
+    return config, problems + recipe_problems + method_problems
+
+
+def method_from_state(s: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    name = s.get(f"{P}method", NO_METHOD)
+    if name == NO_METHOD:
+        return None, []
+    text = str(s.get(f"{P}method_params") or "").strip()
+    try:
+        params = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError:
+        params = None
+    if not isinstance(params, dict):
+        return {"name": name, "params": {}}, [("method.params", "write the parameters as a YAML mapping, e.g. {alphas: [0.5]}")]
+    return {"name": name, "params": params}, []
 
 
 def parse_milestones(text: Any) -> tuple[list[int], str]:

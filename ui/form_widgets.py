@@ -17,7 +17,7 @@ from kd_core.models import MODELS
 from ui import forms
 from ui.badges import count_text
 from ui.form_checks import FormCheck
-from ui.form_state import P, SOURCES
+from ui.form_state import NO_METHOD, P, SOURCES
 from ui.forms import HELP, PARAM_HELP, SOURCE_HELP, options_with, show_problems
 
 ss = st.session_state
@@ -162,23 +162,44 @@ def recipe_section(check: FormCheck, on_add, on_remove) -> None:
     ids = list(ss.get(f"{P}recipe_ids", []))
     for i, uid in enumerate(ids):
         with st.container(border=True):
-            _term(check, i, uid, catalogue, removable=len(ids) > 1, on_remove=on_remove)
+            _term(check, i, uid, catalogue, on_remove=on_remove)
     show_problems(check, "recipe")
     c = st.columns([2, 1, 3], vertical_alignment="bottom")
     if ss.get("nx_new_loss") not in catalogue:
         ss["nx_new_loss"] = "kd"
     c[0].selectbox("Add a term", list(catalogue), key="nx_new_loss", format_func=lambda n: f"{n} — {forms.loss_line(n)}")
     c[1].button("Add term", on_click=on_add, width="stretch", icon=":material/add:")
+    method_section(check)
 
 
-def _term(check: FormCheck, i: int, uid: int, catalogue: dict, removable: bool, on_remove) -> None:
+def method_section(check: FormCheck) -> None:
+    """A method that changes the training loop (kd_core.methods), or none: the recipe alone."""
+    from kd_core.methods import METHODS, describe_method
+
+    key = f"{P}method"
+    c = st.columns([2, 3], vertical_alignment="bottom")
+    c[0].selectbox("Training method", options_with([NO_METHOD, *sorted(METHODS)], ss.get(key)), key=key,
+                   format_func=lambda n: "none — the recipe alone" if n == NO_METHOD else f"{n} — {describe_method(n)['summary']}"
+                   if n in METHODS else f"{n} (unknown)",
+                   help="Some methods change the training loop itself (e.g. a second head on the student); most runs need none.")
+    name = ss.get(key)
+    if name in METHODS:
+        info = describe_method(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in info["params"].items())
+        c[1].text_input("Method parameters (YAML)", key=f"{P}method_params", placeholder=f"defaults: {defaults}" if defaults else "none",
+                        help="Only the parameters to change, as a YAML mapping; the others keep their defaults.")
+        st.caption(" ".join(part for part in (info["summary"], f"*{info['paper']}*" if info.get("paper") else "",
+                                              f"Note: {info['caveat']}" if info.get("caveat") else "") if part))
+    show_problems(check, "method", prefix=True)
+
+
+def _term(check: FormCheck, i: int, uid: int, catalogue: dict, on_remove) -> None:
     c = st.columns([2, 1, 1, 0.6], vertical_alignment="bottom")
     name_key = f"{P}r{uid}_loss"
     c[0].selectbox(f"Term {i + 1}: loss", options_with(list(catalogue), ss.get(name_key)), key=name_key, help=HELP["loss"])
     c[1].number_input("Weight", key=f"{P}r{uid}_weight", step=0.1, format="%g", help=HELP["weight"])
     c[2].number_input("Warm-up epochs", key=f"{P}r{uid}_warmup_epochs", help=HELP["warmup"], **WHOLE)
-    c[3].button("Remove", key=f"{P}r{uid}_remove", on_click=on_remove, args=(uid,), disabled=not removable,
-                help="Remove this term", icon=":material/delete:")
+    c[3].button("Remove", key=f"{P}r{uid}_remove", on_click=on_remove, args=(uid,), help="Remove this term", icon=":material/delete:")
     info = catalogue.get(ss.get(name_key))
     if info:
         st.caption((info.get("summary") or "") + (f"  \n*{info['paper']}*" if info.get("paper") else ""))

@@ -43,8 +43,9 @@ class Preset:
     @property
     def label(self) -> str:
         c = self.config
+        method = (c.get("method") or {}).get("name") if isinstance(c.get("method"), dict) else None
         return (f"{(c.get('dataset') or {}).get('name', 'mnist5k')} · {(c.get('teacher') or {}).get('arch')} → "
-                f"{(c.get('student') or {}).get('arch')} · {recipe_text(c.get('recipe'))}")
+                f"{(c.get('student') or {}).get('arch')} · {recipe_text(c.get('recipe'))}" + (f" · method {method}" if method else ""))
 
 
 def presets() -> dict[str, Preset]:
@@ -66,8 +67,8 @@ def _read(path: Path) -> dict[str, Any] | None:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-    if not isinstance(data, dict) or "recipe" not in data:
-        return None
+    if not isinstance(data, dict) or "recipe" not in data or "sweep" in data:
+        return None  # a sweep is several runs: `python -m kd_core sweep FILE` launches it
     dataset = {k: v for k, v in (data.get("dataset") or {}).items() if k != "root"}  # see the module docstring
     return {**data, "dataset": dataset}
 
