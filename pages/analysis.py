@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import metrics
+from ui import results
 from ui import state as ui_state
 from ui.analysis.agreement import agreement_view
 from ui.analysis.attribution import attribution_view
@@ -36,8 +36,8 @@ def pick_runs(store):
     """The run from ?run= (selectbox fallback) and an optional second run from ?with=."""
     runs = store.list_runs(limit=500)
     by_id = {r.id: r for r in runs}
-    wanted = metrics.parse_run_ids(st.query_params.get("run"))
-    other = metrics.parse_run_ids(st.query_params.get("with"))
+    wanted = results.parse_run_ids(st.query_params.get("run"))
+    other = results.parse_run_ids(st.query_params.get("with"))
     for rid in wanted[:1] + other[:1]:
         if rid not in by_id:
             try:

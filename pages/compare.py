@@ -11,7 +11,7 @@ import io
 import pandas as pd
 import streamlit as st
 
-from ui import charts, metrics
+from ui import charts, metrics, results
 from ui import state as ui_state
 
 from ui.png_button import png_button
@@ -29,7 +29,7 @@ def _csv(df: pd.DataFrame, index: bool = False) -> bytes:
 def pick_runs(store):
     runs = store.list_runs(limit=1000)
     by_id = {r.id: r for r in runs}
-    wanted = metrics.parse_run_ids(st.query_params.get("runs"))
+    wanted = results.parse_run_ids(st.query_params.get("runs"))
     for rid in wanted:
         if rid not in by_id:
             try:
@@ -101,11 +101,11 @@ def curves_section(store, runs) -> None:
 
 def results_section(runs) -> None:
     st.header("Results")
-    res = metrics.results_frame(runs)
+    res = results.results_frame(runs)
     st.dataframe(res, hide_index=True, column_config={
         c: st.column_config.NumberColumn(c, format="%.2f") for c in res.columns if c not in ("run", "status", "seed")
     })
-    groups = metrics.seed_groups_frame(runs)
+    groups = results.seed_groups_frame(runs)
     if (groups["n"] > 1).any():
         st.subheader("Mean ± std over seeds")
         st.caption("Runs whose configs are identical except for the seed are grouped; ± is the sample standard deviation.")
@@ -119,7 +119,7 @@ def config_section(runs) -> None:
     st.header("Configs")
     only_diff = st.toggle("Only fields that differ", value=True, key="cmp_diff",
                           help="Hide the settings that are the same in every selected run.")
-    table = metrics.config_table(runs, only_differing=only_diff, skip=SKIP_IN_TABLE if only_diff else ())
+    table = results.config_table(runs, only_differing=only_diff, skip=SKIP_IN_TABLE if only_diff else ())
     if table.empty:
         st.info("The selected runs have identical configs" + (" (apart from their names)." if only_diff else "."))
     else:
@@ -132,7 +132,7 @@ def config_section(runs) -> None:
 def parcoords_section(runs) -> None:
     st.header("Hyper-parameters vs accuracy")
     done = [r for r in runs if isinstance(r.summary.get("student_acc"), (int, float))]
-    numeric = metrics.numeric_differing(done) if len(done) >= 2 else pd.DataFrame()
+    numeric = results.numeric_differing(done) if len(done) >= 2 else pd.DataFrame()
     if numeric.empty or numeric.shape[1] == 0:
         st.caption("Needs two or more finished runs that differ in a numeric setting (e.g. learning rate or temperature).")
         return

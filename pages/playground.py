@@ -8,13 +8,12 @@ Models load from the run's safetensors checkpoints (kd_core.teachers.read_state_
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
-from ui import charts, metrics
+from ui import artifacts, charts
 from ui import state as ui_state
 
 T_GRID = np.round(np.concatenate([np.arange(0.5, 2.0, 0.1), np.arange(2.0, 20.01, 0.25)]), 3)
@@ -44,7 +43,6 @@ def load_data(name: str, root: str, val_fraction: float, subset: int | None, ima
 
 @st.cache_resource(show_spinner="Loading weights…", max_entries=16)
 def load_model(path: str, mtime: float, arch: str, num_classes: int, in_channels: int, image_size: int):
-    import torch
 
     from kd_core.models import create_model
     from kd_core.teachers import read_state_dict
@@ -69,15 +67,15 @@ def test_logits(_model, path: str, mtime: float, data_key: tuple, _x) -> "np.nda
 def teacher_path(store, run) -> tuple[str, str] | None:
     """(path, arch) of the teacher the run distilled from: its own, or the run/file it loaded."""
     arch = run.config.get("teacher", {}).get("arch")
-    ckpts = metrics.checkpoint_paths(store, run.id)
+    ckpts = artifacts.checkpoint_paths(store, run.id)
     for key in (("teacher", "last"), ("teacher", "best")):
         if key in ckpts:
-            return ckpts[key], metrics.checkpoint_arch(store, run.id, "teacher") or arch
+            return ckpts[key], artifacts.checkpoint_arch(store, run.id, "teacher") or arch
     source = str(run.config.get("teacher", {}).get("source", ""))
     if source.startswith("run:"):
         try:
             other = int(source[4:])
-            ck = metrics.checkpoint_paths(store, other)
+            ck = artifacts.checkpoint_paths(store, other)
         except (ValueError, KeyError):
             return None
         for key in (("teacher", "last"), ("teacher", "best"), ("student", "best")):
@@ -91,7 +89,7 @@ def teacher_path(store, run) -> tuple[str, str] | None:
 def usable_runs(store) -> list:
     out = []
     for r in store.list_runs(status=["completed"], limit=200):
-        ckpts = metrics.checkpoint_paths(store, r.id)
+        ckpts = artifacts.checkpoint_paths(store, r.id)
         has_student = ("student", "best") in ckpts or ("student", "last") in ckpts
         if has_student and teacher_path(store, r):
             out.append(r)
@@ -158,7 +156,6 @@ def no_runs() -> None:
 
 
 def thumbnail(splits, x) -> np.ndarray:
-    import torch
     import torch.nn.functional as F
 
     img = splits.denormalize(x[None])  # [1, C, H, W] in [0, 1]
@@ -183,7 +180,7 @@ def choose_models(store, runs):
     except Exception as exc:  # noqa: BLE001 - DatasetUnavailable etc.
         st.error(f"Could not load the dataset {ds.get('name')!r} of this run: {exc}")
         return None
-    ckpts = metrics.checkpoint_paths(store, run.id)
+    ckpts = artifacts.checkpoint_paths(store, run.id)
     students = {label: ckpts[key] for key, label in ((("student", "best"), "distilled student (best)"),
                                                       (("student", "last"), "distilled student (last)"),
                                                       (("baseline", "best"), "baseline student, no teacher (best)")) if key in ckpts}

@@ -13,7 +13,7 @@ from pathlib import Path
 import streamlit as st
 import yaml
 
-from ui import charts, metrics
+from ui import artifacts, charts, metrics, results
 from ui import state as ui_state
 from ui.badges import duration_text, progress_fraction, progress_text, recipe_text, status_badge, trained_seconds
 
@@ -29,7 +29,7 @@ def _label(run) -> str:
 def pick_run(store):
     """The run from ?run=, else a selectbox over the newest runs; None when there is nothing to show."""
     runs = store.list_runs(limit=500)
-    wanted = metrics.parse_run_ids(st.query_params.get("run"))
+    wanted = results.parse_run_ids(st.query_params.get("run"))
     by_id = {r.id: r for r in runs}
     if wanted and wanted[0] not in by_id:
         try:
@@ -209,8 +209,8 @@ def accuracy_tab(store, run) -> None:
 
 
 def per_class_tab(store, run) -> None:
-    reps = metrics.reports(store, run)
-    teacher = metrics.teacher_report(reps)
+    reps = artifacts.reports(store, run)
+    teacher = artifacts.teacher_report(reps)
     per_role: dict[str, list[float]] = {}
     names = None
     if teacher:
@@ -235,9 +235,9 @@ def per_class_tab(store, run) -> None:
 
 
 def confusion_tab(store, run) -> None:
-    reps = metrics.reports(store, run)
+    reps = artifacts.reports(store, run)
     wanted = []
-    t = metrics.teacher_report(reps)
+    t = artifacts.teacher_report(reps)
     if t:
         wanted.append(("Teacher", t[1]))
     for name, title in (("student_best", "Student (distilled, best)"), ("baseline_best", "Baseline (best)")):
@@ -260,14 +260,14 @@ def confusion_tab(store, run) -> None:
 def downloads_tab(store, run) -> None:
     c1, c2, c3 = st.columns(3)
     with c1:
-        st.download_button("Metrics (CSV)", icon=":material/download:", data=lambda: metrics.metrics_csv(store, run.id),
+        st.download_button("Metrics (CSV)", icon=":material/download:", data=lambda: artifacts.metrics_csv(store, run.id),
                            file_name=f"run{run.id}_metrics.csv", mime="text/csv", key="rd_dl_csv",
                            help="Every logged value, one row per (phase, step, key).")
     with c2:
         st.download_button("Config (YAML)", icon=":material/download:", data=yaml.safe_dump(run.config, sort_keys=False),
                            file_name=f"run{run.id}_config.yaml", mime="application/x-yaml", key="rd_dl_yaml",
                            help="Load it on the New experiment page or with the CLI to run it again.")
-    ckpts = metrics.checkpoint_paths(store, run.id)
+    ckpts = artifacts.checkpoint_paths(store, run.id)
     path = ckpts.get(("student", "best")) or ckpts.get(("student", "last"))
     with c3:
         if path:

@@ -8,7 +8,6 @@ well under 1 s. The accuracy columns come first so they fit at 1400 px; less use
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from pathlib import Path
 

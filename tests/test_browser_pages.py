@@ -12,7 +12,6 @@ import math
 import time
 
 import pytest
-import yaml
 
 from tests.test_browser import SHOTS, browser_page, serve, settle
 

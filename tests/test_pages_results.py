@@ -238,13 +238,13 @@ def test_playground_kd_gradient_maths():
 
 
 def test_ema_flatten_groups_and_colors():
-    from ui import charts, metrics
+    from ui import charts, results
 
     assert charts.ema([5.0, 5.0, 5.0], 0.9).tolist() == [5.0, 5.0, 5.0]  # debiased: no pull towards 0
     assert np.allclose(charts.ema([1.0, 2.0], 0.0), [1.0, 2.0])
     # every run of a chart has its own colour, however many (ids 7 and 19 once shared one)
     assert len(set(charts.run_colors([7, 19]).values())) == 2 and len(set(charts.run_colors(range(1, 41)).values())) == 40
-    flat = metrics.flatten({"a": {"b": 1}, "recipe": [{"loss": "kd", "params": {"temperature": 4}}], "m": [1, 2]})
+    flat = results.flatten({"a": {"b": 1}, "recipe": [{"loss": "kd", "params": {"temperature": 4}}], "m": [1, 2]})
     assert flat == {"a.b": 1, "recipe[0].loss": "kd", "recipe[0].params.temperature": 4, "m": "1, 2"}
 
     class R:
@@ -254,10 +254,10 @@ def test_ema_flatten_groups_and_colors():
             self.summary = {"student_acc": acc, "kd_gain": acc - 90}
 
     runs = [R(1, 0, 0.1, 91.0), R(2, 1, 0.1, 93.0), R(3, 0, 0.2, 95.0)]
-    groups = metrics.seed_groups_frame(runs)
+    groups = results.seed_groups_frame(runs)
     assert list(groups["n"]) == [2, 1]
     assert groups.iloc[0]["student best (test %)"] == "92.00 ± 1.41"
-    assert metrics.differing_fields(runs) == ["name", "seed", "student.lr"]
-    assert list(metrics.numeric_differing(runs).columns) == ["seed", "student.lr"]
-    assert metrics.parse_run_ids("1, 2,x,3") == [1, 2, 3]
-    assert isinstance(metrics.results_frame(runs), pd.DataFrame)
+    assert results.differing_fields(runs) == ["name", "seed", "student.lr"]
+    assert list(results.numeric_differing(runs).columns) == ["seed", "student.lr"]
+    assert results.parse_run_ids("1, 2,x,3") == [1, 2, 3]
+    assert isinstance(results.results_frame(runs), pd.DataFrame)

@@ -6,7 +6,6 @@ holds what one browser tab is doing (form values, a pending confirmation, a one-
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from pathlib import Path

@@ -6,7 +6,7 @@ A lasso or box selection on a map is remembered per run and opens in the Disagre
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
