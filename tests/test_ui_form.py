@@ -154,3 +154,29 @@ def test_export_is_the_launched_config(env, no_dispatch):
     launch_button(at).click().run()
     (run,) = env.list_runs(include_hidden=True)
     assert run.config == exported
+
+
+def test_typed_paths_are_judged_before_anything_touches_them(env, monkeypatch, tmp_path):
+    """Paths outside the allowed folders are refused without being stat'ed or opened (issue 9): a spy records every
+    stat, lstat and open while the form is checked."""
+    import builtins
+    import os
+
+    from ui.form_checks import check_form
+    from ui.form_state import config_to_state
+
+    state, _ = config_to_state(yaml.safe_load((ROOT / "configs" / "mnist5k_kd.yaml").read_text()))
+    outside = tmp_path / "outside"  # not under DISTILLERY_HOME (tmp_path/data)
+    state.update({"nx_ds_root": str(outside / "datasets"), "nx_ds_name": "cifar10", "nx_t_src": "file",
+                  "nx_t_src_file": str(outside / "teacher.pt")})
+    touched: list[str] = []
+    for module, name in ((os, "stat"), (os, "lstat"), (builtins, "open")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda path, *a, _real=real, **k: (touched.append(str(path)), _real(path, *a, **k))[1])
+    check = check_form(state, env)
+    inside = tmp_path / "data" / "datasets"  # the same dataset under the allowed folder: its files are looked for
+    check_form({**state, "nx_ds_root": str(inside)}, env)
+    monkeypatch.undo()
+    assert "is outside the folders" in check.errors["dataset.root"][0] and "is outside the folders" in check.errors["teacher.source"][0]
+    assert not [p for p in touched if p.startswith(str(outside))], touched
+    assert any(p.startswith(str(inside / "cifar-10-batches-py")) for p in touched)  # the spy does see file checks
