@@ -180,3 +180,21 @@ def test_typed_paths_are_judged_before_anything_touches_them(env, monkeypatch, t
     assert "is outside the folders" in check.errors["dataset.root"][0] and "is outside the folders" in check.errors["teacher.source"][0]
     assert not [p for p in touched if p.startswith(str(outside))], touched
     assert any(p.startswith(str(inside / "cifar-10-batches-py")) for p in touched)  # the spy does see file checks
+
+
+def test_compare_shows_a_parameter_left_at_its_default(env, no_dispatch):
+    """One DIST run launched with β left at its default, one with β = 2: Compare's "only what differs" names β."""
+    from tests.ui_apptest import open_page
+
+    at = new_experiment()
+    uid = at.session_state["nx_recipe_ids"][1]
+    at.selectbox(key=f"nx_r{uid}_loss").set_value("dist").run()
+    launch_button(at).click().run()
+    at = new_experiment()
+    uid = at.session_state["nx_recipe_ids"][1]
+    at.selectbox(key=f"nx_r{uid}_loss").set_value("dist").run()
+    at.number_input(key=f"nx_r{uid}_p_beta").set_value(2.0).run()
+    launch_button(at).click().run()
+    first, second = sorted(r.id for r in env.list_runs(include_hidden=True))
+    table = open_page("pages/compare.py", runs=f"{first},{second}").dataframe[-1].value
+    assert list(table.loc["recipe[1].params.beta"]) == ["1", "2"]
