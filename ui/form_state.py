@@ -74,7 +74,7 @@ SOURCES = {
     "torchvision": "Torchvision ImageNet weights",
     "random": "Random weights (for testing only)",
 }
-_term_ids = itertools.count(1)
+term_ids = itertools.count(1)
 
 
 def loss_params(name: Any) -> dict[str, Any]:
@@ -273,7 +273,7 @@ def recipe_to_state(recipe: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]
     problems: list[tuple[str, str]] = []
     ids = []
     for i, term in enumerate(recipe):
-        uid = next(_term_ids)
+        uid = next(term_ids)
         ids.append(uid)
         term_state, term_problems = term_to_state(uid, term, f"recipe[{i}]")
         state.update(term_state)

@@ -14,7 +14,7 @@ from typing import Any
 import streamlit as st
 
 from kd_core.settings import data_home
-from ui.form_state import P, _term_ids, config_to_state, param_widget_value, remember_loaded_name
+from ui.form_state import P, term_ids, config_to_state, param_widget_value, remember_loaded_name
 from ui.state import PROJECT_ROOT, uploads_dir
 
 SOURCE_HELP = (
@@ -111,7 +111,7 @@ def new_term_state(loss: str = "kd") -> int:
     """Add a recipe term with ``loss``'s default parameters; returns its id."""
     from ui.form_state import loss_params
 
-    uid = next(_term_ids)
+    uid = next(term_ids)
     ss = st.session_state
     ss[f"{P}r{uid}_loss"], ss[f"{P}r{uid}_weight"], ss[f"{P}r{uid}_warmup_epochs"], ss[f"{P}r{uid}_extra"] = loss, 1.0, 0, ""
     for pname, default in loss_params(loss).items():
