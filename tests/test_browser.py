@@ -1,6 +1,6 @@
 """A real browser (Debian's chromium driven by Playwright) against a real `streamlit run app.py`.
 
-Loads the digits preset in the New experiment form, launches it, watches it reach `completed` on the run page,
+Loads the digits preset in the New experiment form (fewer epochs), launches it, watches it reach `completed` on the run page,
 checks the accuracy chart and the summary, and saves a screenshot of every page under
 test-artifacts/screenshots/. The other test_browser_*.py modules reuse ``serve``, ``browser_page`` and ``settle``.
 """
@@ -141,6 +141,8 @@ def test_launch_the_digits_preset_and_watch_the_run_complete(app_url) -> None:
         page.get_by_role("button", name="Load preset").click()
         settle(page)
         expect(page.get_by_text("(65.3× smaller)").first).to_be_visible()  # the preset's computed compression
+        type_into(page, "Epochs", "2", nth=0)  # teacher: a shorter run than the preset's, on a machine shared with others
+        type_into(page, "Epochs", "3", nth=1)  # student and baseline
         page.screenshot(path=str(SHOTS / "new_experiment.png"))
         launch = page.get_by_role("button", name="Launch")
         expect(launch).to_be_enabled()
@@ -148,7 +150,7 @@ def test_launch_the_digits_preset_and_watch_the_run_complete(app_url) -> None:
 
         page.wait_for_url("**/run_detail**")
         header = page.get_by_test_id("stMarkdownContainer").filter(has_text="· dataset").first
-        expect(header).to_contain_text(re.compile("completed|failed|cancelled"), timeout=420_000)
+        expect(header).to_contain_text(re.compile("completed|failed|cancelled"), timeout=600_000)
         page.screenshot(path=str(SHOTS / "run_detail_finished.png"))
         expect(header).to_contain_text("completed")
         expect(page.get_by_text("KD gain").first).to_be_visible()
