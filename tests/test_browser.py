@@ -109,9 +109,13 @@ def browser_page(width: int = 1400, height: int = 2200):
 
 
 def settle(page) -> None:
-    """Wait until Streamlit has finished running the page script (its status widget goes away)."""
+    """Wait until Streamlit has finished running the page script and drawn it (as Streamlit's own browser tests do)."""
+    from playwright.sync_api import expect
+
     page.wait_for_timeout(500)
+    page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(timeout=90_000)
     page.get_by_test_id("stStatusWidget").wait_for(state="detached", timeout=90_000)
+    expect(page.get_by_test_id("stSkeleton")).to_have_count(0)
     page.wait_for_timeout(1000)  # plotly draws after the script ends
 
 
