@@ -109,7 +109,7 @@ def sample_note(analysis: Mapping[str, Any], run_summary: Mapping[str, Any]) -> 
               and round(run_summary[key], 1) != round(here[m], 1)]
     if differ:
         note += (" The Run detail page measures the whole test split, so its accuracies differ: "
-                 + ", ".join(f"{role_label(m).lower()} {whole:.1f} % there, {sample:.1f} % here" for m, whole, sample in differ) + ".")
+                 + ", ".join(f"{model_label(m).lower()} {whole:.1f} % there, {sample:.1f} % here" for m, whole, sample in differ) + ".")
     return note
 
 
