@@ -13,7 +13,6 @@ import streamlit as st
 
 from ui import charts, metrics, results
 from ui import state as ui_state
-
 from ui.png_button import png_button
 
 ACTIVE = ui_state.ACTIVE

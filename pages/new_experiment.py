@@ -18,7 +18,8 @@ from kd_core.teachers import TeacherUnavailable
 from ui import form_widgets as fw
 from ui import forms, presets
 from ui.form_checks import check_form
-from ui.form_state import P, follow_config_with_name
+from ui.form_fields import P
+from ui.form_state import follow_config_with_name
 from ui.state import ensure_app, flash, get_store, runner, show_flash
 
 ensure_app(__file__)

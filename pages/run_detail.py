@@ -15,7 +15,14 @@ import yaml
 
 from ui import artifacts, charts, metrics, results
 from ui import state as ui_state
-from ui.badges import duration_text, progress_fraction, progress_text, recipe_text, status_badge, trained_seconds
+from ui.badges import (
+    duration_text,
+    progress_fraction,
+    progress_text,
+    recipe_text,
+    status_badge,
+    trained_seconds,
+)
 
 REFRESH_S = 2.0
 ACTIVE = ui_state.ACTIVE

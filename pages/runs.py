@@ -15,9 +15,24 @@ import pandas as pd
 import streamlit as st
 
 from ui.badges import (
-    STATUS_HELP, STATUS_STYLE, STATUSES, duration_text, eta_text, progress_fraction, recipe_text, trained_seconds,
+    STATUS_HELP,
+    STATUS_STYLE,
+    STATUSES,
+    duration_text,
+    eta_text,
+    progress_fraction,
+    recipe_text,
+    trained_seconds,
 )
-from ui.state import ACTIVE, delete_run_files, ensure_app, flash, get_store, runner, show_flash
+from ui.state import (
+    ACTIVE,
+    delete_run_files,
+    ensure_app,
+    flash,
+    get_store,
+    runner,
+    show_flash,
+)
 
 ensure_app(__file__)
 store = get_store()

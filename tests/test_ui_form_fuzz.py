@@ -230,7 +230,8 @@ def _parts(path: str) -> tuple[str | int, ...]:
 
 def schema_names() -> set[str]:
     """Every field name of the schema, at any depth: an "unknown" key must not be one of them."""
-    from ui.form_state import TERM_KEYS, default_values
+    from ui.form_fields import TERM_KEYS
+    from ui.form_state import default_values
 
     def names(d: Any) -> set[str]:
         return set(d) | set().union(*(names(v) for v in d.values() if isinstance(v, dict))) if isinstance(d, dict) else set()

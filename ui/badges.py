@@ -39,7 +39,7 @@ def _num(value: Any) -> str:
 def recipe_text(recipe: list[dict[str, Any]] | None) -> str:
     """``0.1·ce + 0.9·kd(T=4)`` from a config's recipe list: parameters at their default left out, the temperature
     always shown (stored configs write every default out, which would bury the parameters that were chosen)."""
-    from ui.form_state import loss_params
+    from ui.form_fields import loss_params
 
     parts = []
     for term in recipe or []:

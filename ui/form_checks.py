@@ -18,7 +18,8 @@ from typing import Any
 import streamlit as st
 
 from kd_core.settings import path_error, resolve_path
-from ui.form_state import FIELDS, FLOAT, INT, MAX_INT, OPT_INT, P, TEXT_KEYS, lookup, state_to_config
+from ui.form_fields import FIELDS, FLOAT, INT, MAX_INT, OPT_INT, TEXT_KEYS, P, lookup
+from ui.form_state import state_to_config
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -1,6 +1,6 @@
 """The New-experiment form's sections, each drawn with its fields' problems right below them.
 
-Widgets get their values from Session State (keys ``nx_...``, see ``ui.form_state``), never ``value=``. Number
+Widgets get their values from Session State (keys ``nx_...``, see ``ui.form_fields``), never ``value=``. Number
 fields have no ``min_value``/``max_value``: a browser number field silently keeps its old value when a typed one
 is out of its range, so the typed value goes to validation instead, which refuses it next to the field. For the
 same reason whole-number fields are float fields (``WHOLE``): an integer field truncates a typed 2.5 to 2.
@@ -17,7 +17,7 @@ from kd_core.models import MODELS
 from ui import forms
 from ui.badges import count_text
 from ui.form_checks import FormCheck
-from ui.form_state import NO_METHOD, P, SOURCES
+from ui.form_fields import NO_METHOD, SOURCES, P
 from ui.forms import HELP, PARAM_HELP, SOURCE_HELP, options_with, show_problems
 
 ss = st.session_state
@@ -210,7 +210,7 @@ def _term(check: FormCheck, i: int, uid: int, catalogue: dict, on_remove) -> Non
 
 
 def _params(uid: int, loss: str, params: dict[str, Any]) -> None:
-    from ui.form_state import param_widget_value
+    from ui.form_recipe import param_widget_value
 
     columns = st.columns(4)
     for j, (pname, default) in enumerate(params.items()):

@@ -1,7 +1,8 @@
 """The New-experiment form's vocabulary and widget helpers: help texts, the loss and model registries,
 model sizes, uploaded checkpoints, and how errors are drawn next to their fields.
 
-The state <-> config conversion lives in ``ui.form_state``, the checks in ``ui.form_checks``, the presets in
+The fields are in ``ui.form_fields``, the state <-> config conversion in ``ui.form_state`` (recipe and method:
+``ui.form_recipe``), the checks in ``ui.form_checks``, the presets in
 ``ui.presets``.
 """
 
@@ -14,7 +15,9 @@ from typing import Any
 import streamlit as st
 
 from kd_core.settings import data_home
-from ui.form_state import P, term_ids, config_to_state, param_widget_value, remember_loaded_name
+from ui.form_fields import P, term_ids
+from ui.form_recipe import param_widget_value
+from ui.form_state import config_to_state, remember_loaded_name
 from ui.state import PROJECT_ROOT, uploads_dir
 
 SOURCE_HELP = (
@@ -109,7 +112,7 @@ def apply_config(config: Any) -> list[tuple[str, str]]:
 
 def new_term_state(loss: str = "kd") -> int:
     """Add a recipe term with ``loss``'s default parameters; returns its id."""
-    from ui.form_state import loss_params
+    from ui.form_fields import loss_params
 
     uid = next(term_ids)
     ss = st.session_state

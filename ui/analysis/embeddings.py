@@ -14,8 +14,22 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from ui import charts
-from ui.analysis.common import EXPLORER_SOURCE_KEY, HELP, SELECTION_KEY, TAB_KEY, TABS, keep, restore
-from ui.analysis.data import PROJECTION_LABELS, RunData, class_color, model_label, predictions
+from ui.analysis.common import (
+    EXPLORER_SOURCE_KEY,
+    HELP,
+    SELECTION_KEY,
+    TAB_KEY,
+    TABS,
+    keep,
+    restore,
+)
+from ui.analysis.data import (
+    PROJECTION_LABELS,
+    RunData,
+    class_color,
+    model_label,
+    predictions,
+)
 from ui.charts import role_color, style
 
 

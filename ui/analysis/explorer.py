@@ -11,8 +11,25 @@ import streamlit as st
 
 from ui import charts
 from ui.analysis.attribution import attribution_figure, remembered_display
-from ui.analysis.common import EXPLORER_SOURCE_KEY, HELP, SELECTION_KEY, keep, need_analysis, plot, restore
-from ui.analysis.data import BUCKETS, RunData, bucket_label, bucket_masks, model_label, predictions, softmax, thumbnail
+from ui.analysis.common import (
+    EXPLORER_SOURCE_KEY,
+    HELP,
+    SELECTION_KEY,
+    keep,
+    need_analysis,
+    plot,
+    restore,
+)
+from ui.analysis.data import (
+    BUCKETS,
+    RunData,
+    bucket_label,
+    bucket_masks,
+    model_label,
+    predictions,
+    softmax,
+    thumbnail,
+)
 from ui.charts import role_color, style
 
 SHOW_COUNTS = (24, 48, 96)
