@@ -138,7 +138,7 @@ def test_ray_job_trains_a_run(ray_store: Store, ray_address: str) -> None:
     assert run.executor == "ray" and run.executor_ref.startswith(f"distillery-run-{run_id}-")
     steps = store.metric_series(run_id, "loss/total", "student")["step"].tolist()
     assert steps == list(range(1, 58))  # 900 training images / 16, once each
-    assert f"run {run_id}: completed" in read_log(store, run_id)
+    assert f"worker ended: run {run_id} completed, normally" in read_log(store, run_id)
     wait_for(store, "the Ray job to end", lambda: job_status(ray_address, run.executor_ref) == "SUCCEEDED", timeout=30)
 
 
