@@ -76,8 +76,11 @@ def test_the_live_page_follows_the_run(site):
     from playwright.sync_api import expect
 
     store = site["store"]
-    run_id = store.create_run("watched run", site["config"], status="starting")
     with browser_page(height=1400) as page:
+        page.goto(site["url"])  # the first page starts the server's supervisor, whose first pass fails worker-less runs
+        settle(page)
+        page.wait_for_timeout(2000)
+        run_id = store.create_run("watched run", site["config"], status="starting")
         page.goto(f"{site['url']}/run_detail?run={run_id}")
         expect(header_line(page)).to_contain_text("starting")
         progress = {"phase": "student", "phase_index": 2, "phases": 4, "epoch": 3, "epochs": 8, "step": 100, "steps": 456,
