@@ -2,45 +2,39 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import streamlit as st
 
-HERE = Path(__file__).resolve().parent
-
-st.set_page_config(page_title="Distillery", page_icon="⚗️", layout="wide")
+st.set_page_config(page_title="Distillery", page_icon=":material/science:", layout="wide")
 
 from kd_core.runner.supervisor import ensure_supervisor  # noqa: E402
-from ui.state import app_frame, follow_nav_intent, get_store, masked_db_url  # noqa: E402 - after set_page_config
+from storage import StoreUnavailable, masked_url  # noqa: E402
+from ui.state import app_frame, follow_nav_intent, get_store  # noqa: E402 - after set_page_config
 
 PAGES = [
-    ("pages/new_experiment.py", "New experiment", "🧪", False),
-    ("pages/runs.py", "Runs", "📋", True),
-    ("pages/run_detail.py", "Run detail", "📈", False),
-    ("pages/analysis.py", "Analysis", "🔬", False),
-    ("pages/compare.py", "Compare", "⚖️", False),
-    ("pages/playground.py", "Playground", "🎛️", False),
+    ("pages/new_experiment.py", "New experiment", ":material/science:", False),
+    ("pages/runs.py", "Runs", ":material/list_alt:", True),
+    ("pages/run_detail.py", "Run detail", ":material/monitoring:", False),
+    ("pages/analysis.py", "Analysis", ":material/biotech:", False),
+    ("pages/compare.py", "Compare", ":material/compare_arrows:", False),
+    ("pages/playground.py", "Playground", ":material/tune:", False),
 ]
 
-pages = [
-    st.Page(path, title=title, icon=icon, default=default)
-    for path, title, icon, default in PAGES
-    if os.path.exists(HERE / path)
-]
-page = st.navigation(pages)
+page = st.navigation([st.Page(path, title=title, icon=icon, default=default) for path, title, icon, default in PAGES])
 follow_nav_intent()  # a deep link that reached a page before st.navigation ran (see ui.state.ensure_app)
 
 with st.sidebar:
     st.markdown("**Distillery** trains a small *student* network to imitate a big *teacher* "
                 "(knowledge distillation) and shows what it learned.")
-    try:
-        url = get_store().url
-        ensure_supervisor(url)  # one reconcile loop per server process: recovery does not wait for a page to be open
-        st.caption(f"Database: `{masked_db_url(url)}`")
-    except Exception as exc:  # noqa: BLE001 - say what is wrong instead of a blank app
-        st.error(f"Cannot open the database: {exc}")
-        st.stop()
+try:
+    url = get_store().url
+except StoreUnavailable as exc:  # the page says what is wrong and how to fix it, instead of a traceback
+    st.title("The database cannot be opened")
+    st.error(str(exc), icon=":material/database:")
+    st.caption("Fix it and reload this page. The database is chosen with DISTILLERY_DB_URL "
+               "(default: SQLite in the data folder); see the README's Configuration section.")
+    st.stop()
+ensure_supervisor(url)  # one reconcile loop per server process: recovery does not wait for a page to be open
+st.sidebar.caption(f"Database: `{masked_url(url)}`")
 
 with app_frame():
     page.run()

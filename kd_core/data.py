@@ -199,6 +199,8 @@ def _synthetic(root: str, image_size: int | None) -> Arrays:
 # --------------------------------------------------------------------------- torchvision datasets
 
 _IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+FILES: dict[str, list[str]] = {}
+"""Dataset name -> the files (relative to ``dataset.root``) it loads from without a download; bundled sets have none."""
 
 
 def _torchvision(cls_name: str, root: str, files_hint: str) -> tuple:
@@ -249,12 +251,21 @@ for _name, _cls, _desc in (
     ("kmnist", "KMNIST", "Kuzushiji-MNIST, 60k/10k 28×28 characters (torchvision)"),
 ):
     _register(_name, 10, 1, 28, offline=False, flip=False, description=_desc)(_idx_dataset(_cls))
+    FILES[_name] = [f"{_cls}/raw/{f}" for f in _IDX_FILES]
 _register("cifar10", 10, 3, 32, offline=False, flip=True, description="CIFAR-10, 50k/10k 32×32 colour images (torchvision)")(
     _cifar("CIFAR10", "cifar-10-batches-py")
 )
+FILES["cifar10"] = [f"cifar-10-batches-py/{f}" for f in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")]
 _register("cifar100", 100, 3, 32, offline=False, flip=True, description="CIFAR-100, 50k/10k 32×32 colour images (torchvision)")(
     _cifar("CIFAR100", "cifar-100-python")
 )
+FILES["cifar100"] = [f"cifar-100-python/{f}" for f in ("train", "test", "meta")]
+
+
+def missing_files(name: str, root: str | Path) -> list[str]:
+    """Which of the files ``name`` loads from without a download are not under ``root`` ([] when none are missing)."""
+    base = Path(root).expanduser()
+    return [f for f in FILES.get(name, []) if not (base / f).is_file()]
 
 
 @_register("imagefolder", 0, 3, 32, offline=True, flip=True, description="your own folder of class sub-folders (train/ and test/ optional)")

@@ -11,10 +11,9 @@ import io
 import pandas as pd
 import streamlit as st
 
-from ui import charts, metrics
+from ui import charts, metrics, results
 from ui import state as ui_state
-
-from ui.badges import status_badge
+from ui.png_button import png_button
 
 ACTIVE = ui_state.ACTIVE
 SKIP_IN_TABLE = ("name",)
@@ -29,7 +28,7 @@ def _csv(df: pd.DataFrame, index: bool = False) -> bytes:
 def pick_runs(store):
     runs = store.list_runs(limit=1000)
     by_id = {r.id: r for r in runs}
-    wanted = metrics.parse_run_ids(st.query_params.get("runs"))
+    wanted = results.parse_run_ids(st.query_params.get("runs"))
     for rid in wanted:
         if rid not in by_id:
             try:
@@ -41,8 +40,8 @@ def pick_runs(store):
         default = None  # the widget keeps its own value after the first render
     chosen = st.multiselect(
         "Runs to compare", list(by_id), default=default, key="cmp_runs",
-        format_func=lambda i: f"#{i} {by_id[i].name} — {status_badge(by_id[i].status)}",
-        help="Each run keeps the same colour on every chart. The address bar (?runs=…) remembers the selection.",
+        format_func=lambda i: f"#{i} {by_id[i].name} — {by_id[i].status}",
+        help="Each selected run gets its own colour. The address bar (?runs=…) remembers the selection.",
         placeholder="pick two or more runs",
     )
     text = ",".join(str(i) for i in chosen)
@@ -75,12 +74,13 @@ def curves_section(store, runs) -> None:
     smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0 if metrics.is_epoch_key(key) else 0.6, 0.01, key=f"cmp_smooth_{metrics.is_epoch_key(key)}",
                           help="Exponential moving average weight (0 = raw). The raw curve stays visible, faint, behind the smoothed one.")
     curves, frames = [], []
+    colors = charts.run_colors([r.id for r in runs])
     for r in runs:
         df = metrics.bucketed_series(store, r, key, phase)
         if df.empty:
             continue
         name = f"#{r.id} {r.name}"
-        curves.append(charts.Curve(name=name, color=charts.run_color(r.id), frame=df))
+        curves.append(charts.Curve(name=name, color=colors[r.id], frame=df))
         frames.append(df.assign(run=r.id, run_name=r.name, key=key))
     if not curves:
         st.info(f"None of the selected runs logged {key} for the {phase}.")
@@ -88,48 +88,50 @@ def curves_section(store, runs) -> None:
     t0 = {f"#{r.id} {r.name}": r.started_at for r in runs if r.started_at}
     fig = charts.curves_figure(curves, x=x, title=f"{charts.role_label(phase)} · {key}", y_title=key,
                                smoothing=smoothing, t0=t0, height=480)
-    st.plotly_chart(fig, config=charts.plotly_config(f"compare_{phase}_{key}"), key="cmp_chart")
-    st.caption("📷 Hover the chart and click the camera icon to save it as PNG (2× resolution).")
-    data = pd.concat(frames, ignore_index=True)
-    st.download_button("⬇ Chart data (CSV)", data=_csv(data), file_name=f"compare_{phase}_{key.replace('/', '_')}.csv",
-                       mime="text/csv", key="cmp_dl_chart",
-                       help="The plotted points: per run, bucket mean (value), min, max and how many raw points each bucket holds.")
+    st.plotly_chart(fig, config=charts.plotly_config(f"compare_{phase}_{key}"), key="cmp_chart", theme=None)
+    c = st.columns([1, 1, 4], vertical_alignment="center")
+    with c[0]:
+        png_button("cmp_chart")
+    c[1].download_button("Chart data (CSV)", data=_csv(pd.concat(frames, ignore_index=True)), icon=":material/download:",
+                         file_name=f"compare_{phase}_{key.replace('/', '_')}.csv", mime="text/csv", key="cmp_dl_chart",
+                         help="The plotted points: per run, bucket mean (value), min, max and how many raw points each bucket holds.")
+    c[2].caption("The PNG is the chart as shown, at 2× resolution.")
 
 
 def results_section(runs) -> None:
     st.header("Results")
-    res = metrics.results_frame(runs)
+    res = results.results_frame(runs)
     st.dataframe(res, hide_index=True, column_config={
         c: st.column_config.NumberColumn(c, format="%.2f") for c in res.columns if c not in ("run", "status", "seed")
     })
-    groups = metrics.seed_groups_frame(runs)
+    groups = results.seed_groups_frame(runs)
     if (groups["n"] > 1).any():
         st.subheader("Mean ± std over seeds")
         st.caption("Runs whose configs are identical except for the seed are grouped; ± is the sample standard deviation.")
         st.dataframe(groups, hide_index=True)
     else:
         st.caption("Tip: repeat a config with other seeds (Clone into form, change the seed) to see mean ± std here.")
-    st.download_button("⬇ Results (CSV)", data=_csv(res), file_name="compare_results.csv", mime="text/csv", key="cmp_dl_res")
+    st.download_button("Results (CSV)", icon=":material/download:", data=_csv(res), file_name="compare_results.csv", mime="text/csv", key="cmp_dl_res")
 
 
 def config_section(runs) -> None:
     st.header("Configs")
     only_diff = st.toggle("Only fields that differ", value=True, key="cmp_diff",
                           help="Hide the settings that are the same in every selected run.")
-    table = metrics.config_table(runs, only_differing=only_diff, skip=SKIP_IN_TABLE if only_diff else ())
+    table = results.config_table(runs, only_differing=only_diff, skip=SKIP_IN_TABLE if only_diff else ())
     if table.empty:
         st.info("The selected runs have identical configs" + (" (apart from their names)." if only_diff else "."))
     else:
         st.caption(f"{len(table)} field(s){' that differ' if only_diff else ''}; one column per run.")
         st.dataframe(table, key="cmp_config_table")
-        st.download_button("⬇ Config table (CSV)", data=_csv(table, index=True), file_name="compare_configs.csv",
+        st.download_button("Config table (CSV)", icon=":material/download:", data=_csv(table, index=True), file_name="compare_configs.csv",
                            mime="text/csv", key="cmp_dl_cfg")
 
 
 def parcoords_section(runs) -> None:
     st.header("Hyper-parameters vs accuracy")
     done = [r for r in runs if isinstance(r.summary.get("student_acc"), (int, float))]
-    numeric = metrics.numeric_differing(done) if len(done) >= 2 else pd.DataFrame()
+    numeric = results.numeric_differing(done) if len(done) >= 2 else pd.DataFrame()
     if numeric.empty or numeric.shape[1] == 0:
         st.caption("Needs two or more finished runs that differ in a numeric setting (e.g. learning rate or temperature).")
         return

@@ -1,22 +1,28 @@
 """Run detail: live curves while a run trains, then its results (accuracy, per class, confusion, config, log).
 
-The run comes from ``?run=<id>`` (or the selectbox). While the run is active the page body is a fragment
-that reruns every 2 s; the status is read from the database each time, and the timer stops once the run
-has finished (a full rerun then draws the final page without a timer).
+The run comes from ``?run=<id>`` (or the selectbox). Everything below the picker, the status badge included, is
+a fragment that reruns every 2 s while the run is active and reads the run from the database each time; the
+timer stops once the run has finished (a full rerun then draws the final page without a timer).
 """
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
 import streamlit as st
 import yaml
 
-from ui import charts, metrics
+from ui import artifacts, charts, metrics, results
 from ui import state as ui_state
-from ui.badges import duration_text, progress_fraction, recipe_text, status_badge
+from ui.badges import (
+    duration_text,
+    progress_fraction,
+    progress_text,
+    recipe_text,
+    status_badge,
+    trained_seconds,
+)
 
 REFRESH_S = 2.0
 ACTIVE = ui_state.ACTIVE
@@ -30,7 +36,7 @@ def _label(run) -> str:
 def pick_run(store):
     """The run from ?run=, else a selectbox over the newest runs; None when there is nothing to show."""
     runs = store.list_runs(limit=500)
-    wanted = metrics.parse_run_ids(st.query_params.get("run"))
+    wanted = results.parse_run_ids(st.query_params.get("run"))
     by_id = {r.id: r for r in runs}
     if wanted and wanted[0] not in by_id:
         try:
@@ -42,7 +48,7 @@ def pick_run(store):
             wanted = []
     if not runs:
         st.info("No runs yet. Start one on the **New experiment** page; its curves will appear here live.")
-        _link("pages/new_experiment.py", "➕ New experiment")
+        _link("pages/new_experiment.py", "New experiment", icon=":material/science:")
         return None
     ids = [r.id for r in runs]
     index = ids.index(wanted[0]) if wanted else 0
@@ -65,68 +71,54 @@ def _link(page: str, label: str, **kw) -> None:
 
 def header(store, run) -> None:
     cfg = run.config
-    st.title(f"#{run.id} {run.name}")
     teacher, student, data = cfg.get("teacher", {}), cfg.get("student", {}), cfg.get("dataset", {})
     source = teacher.get("source", "train")
     st.markdown(
-        f"**{status_badge(run.status)}** · dataset **{data.get('name', '?')}** · teacher **{teacher.get('arch', '?')}**"
+        f"{status_badge(run.status)} · dataset **{data.get('name', '?')}** · teacher **{teacher.get('arch', '?')}**"
         f" ({'trained here' if source == 'train' else source}) → student **{student.get('arch', '?')}** · "
-        f"recipe `{recipe_text(cfg.get('recipe'))}`"
-        + (f" · seed {cfg.get('seed')}" if "seed" in cfg else "")
+        f"recipe `{recipe_text(cfg.get('recipe'))}`" + (f" · seed {cfg.get('seed')}" if "seed" in cfg else "")
     )
     cols = st.columns([2, 2, 2, 3])
-    rn = ui_state.runner
     with cols[0]:
         if run.status in ACTIVE:
-            if st.button("⏹ Cancel run", help="Stops after saving a checkpoint; you can resume it later.",
-                         disabled=run.status == "cancelling", key="rd_cancel"):
-                try:
-                    rn.cancel(store, run.id)
-                    st.toast(f"Cancelling run #{run.id}…")
-                except Exception as exc:  # noqa: BLE001
-                    st.error(f"Could not cancel: {exc}")
-                st.rerun()
+            _action("Cancel run", "Stops after saving a checkpoint; you can resume it later.", ":material/stop:",
+                    lambda: ui_state.runner.cancel(store, run.id), f"Cancelling run #{run.id}…", disabled=run.status == "cancelling")
         elif run.status in ("failed", "cancelled"):
-            if st.button("▶ Resume", help="Queue the run again; it continues from its last checkpoint.", key="rd_resume"):
-                try:
-                    rn.resume(store, run.id)
-                    st.toast(f"Run #{run.id} queued again")
-                except Exception as exc:  # noqa: BLE001
-                    st.error(f"Could not resume: {exc}")
-                st.rerun()
-    with cols[1]:
-        if st.button("📋 Clone into form", help="Open New experiment with this run's config filled in.", key="rd_clone"):
-            st.session_state["prefill_config"] = dict(run.config)
-            try:
-                st.switch_page("pages/new_experiment.py")
-            except Exception:  # noqa: BLE001
-                st.warning("The New experiment page is not available here.")
-    with cols[2]:
-        if st.button("📊 Compare…", help="Open Compare with this run selected.", key="rd_compare"):
-            try:
-                st.switch_page("pages/compare.py", query_params={"runs": str(run.id)})
-            except Exception:  # noqa: BLE001
-                st.warning("The Compare page is not available here.")
+            _action("Resume", "Queue the run again; it continues from its last checkpoint.", ":material/play_arrow:",
+                    lambda: ui_state.runner.resume(store, run.id), f"Run #{run.id} queued again")
+    if cols[1].button("Clone into form", help="Open New experiment with this run's config filled in.", key="rd_clone",
+                      icon=":material/content_copy:"):
+        st.session_state["prefill_config"] = dict(run.config)
+        st.switch_page("pages/new_experiment.py")
+    if cols[2].button("Compare…", help="Open Compare with this run selected.", key="rd_compare", icon=":material/compare_arrows:"):
+        st.switch_page("pages/compare.py", query_params={"runs": str(run.id)})
+
+
+def _action(label: str, help_text: str, icon: str, act, done: str, disabled: bool = False) -> None:
+    if st.button(label, help=help_text, icon=icon, disabled=disabled, key=f"rd_{label.split()[0].lower()}"):
+        try:
+            act()
+            st.toast(done)
+        except Exception as exc:  # noqa: BLE001 - say why instead of a traceback
+            st.error(f"Could not {label.lower()}: {exc}")
+        st.rerun()
 
 
 def progress_block(run) -> None:
+    """The live progress bar of an active run (finished runs show their summary instead)."""
     p = run.progress or {}
     frac = progress_fraction(run.status, p)
-    if run.status in ("queued", "starting"):
-        st.info(f"{status_badge(run.status)} — waiting for a free worker slot; the page updates by itself.")
-    if not p:
-        st.progress(0.0, text="starting…")
-        return
-    eta = p.get("eta_s")
-    text = (
-        f"{p.get('phase', '?')} (phase {p.get('phase_index', '?')}/{p.get('phases', '?')}) · "
-        f"epoch {p.get('epoch', '?')}/{p.get('epochs', '?')} · step {p.get('step', '?')}/{p.get('steps', '?')} · "
-        f"{p.get('images_per_s', 0):,.0f} images/s"
-        + (f" · about {duration_text(eta)} left" if eta is not None else "")
-    )
-    st.progress(min(max(frac or 0.0, 0.0), 1.0), text=text)
+    st.progress(min(max(frac or 0.0, 0.0), 1.0), text=progress_text(run.status, p))
+    detail = []
+    trained = trained_seconds(None, p)
+    if trained is not None:
+        detail.append(f"trained {duration_text(trained)} so far (across resumes)")
+    if p.get("teacher_outputs"):
+        detail.append(f"teacher outputs {p['teacher_outputs']}" + (f" ({p['teacher_outputs_reason']})" if p.get("teacher_outputs_reason") else ""))
     if run.heartbeat_at:
-        st.caption(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {REFRESH_S:g} s")
+        detail.append(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {REFRESH_S:g} s")
+    if detail:
+        st.caption(" · ".join(detail))
 
 
 def log_tail(store, run, lines: int = 200) -> str:
@@ -163,9 +155,15 @@ def summary_block(run) -> None:
     if s.get("student_params"):
         st.caption(f"Student: {s['student_params']:,} parameters, teacher: {s.get('teacher_params', 0):,}"
                    + (f" ({comp:g}× smaller)" if comp else ""))
-    if s.get("duration_s") is not None or s.get("device"):
-        st.caption(f"device {s.get('device', '?')} · took {duration_text(s.get('duration_s'))} · "
-                   f"'best' = best epoch on the {s.get('selection_split', 'val')} split")
+    facts = [f"device {s['device']}" if s.get("device") else "", f"precision {s['precision']}" if s.get("precision") else ""]
+    trained = trained_seconds(s, None)
+    if trained is not None:
+        facts.append(f"trained {duration_text(trained)} (summed across resumes)"
+                     + (f" + analysis {duration_text(s['analysis_s'])}" if s.get("analysis_s") else ""))
+    if s.get("selection_split"):
+        facts.append(f"'best' = best epoch on the {s['selection_split']} split")
+    if any(facts):
+        st.caption(" · ".join(f for f in facts if f))
 
 
 # --------------------------------------------------------------------------- tabs
@@ -217,8 +215,9 @@ def accuracy_tab(store, run) -> None:
         st.dataframe(metrics.epoch_wide(table), hide_index=True)
 
 
-def per_class_tab(store, run, reps) -> None:
-    teacher = metrics.teacher_report(reps)
+def per_class_tab(store, run) -> None:
+    reps = artifacts.reports(store, run)
+    teacher = artifacts.teacher_report(reps)
     per_role: dict[str, list[float]] = {}
     names = None
     if teacher:
@@ -242,9 +241,10 @@ def per_class_tab(store, run, reps) -> None:
     st.caption("Classes where the student falls far below the teacher are where distillation has the most to give.")
 
 
-def confusion_tab(run, reps) -> None:
+def confusion_tab(store, run) -> None:
+    reps = artifacts.reports(store, run)
     wanted = []
-    t = metrics.teacher_report(reps)
+    t = artifacts.teacher_report(reps)
     if t:
         wanted.append(("Teacher", t[1]))
     for name, title in (("student_best", "Student (distilled, best)"), ("baseline_best", "Baseline (best)")):
@@ -267,18 +267,18 @@ def confusion_tab(run, reps) -> None:
 def downloads_tab(store, run) -> None:
     c1, c2, c3 = st.columns(3)
     with c1:
-        st.download_button("⬇ Metrics (CSV)", data=lambda: metrics.metrics_csv(store, run.id),
+        st.download_button("Metrics (CSV)", icon=":material/download:", data=lambda: artifacts.metrics_csv(store, run.id),
                            file_name=f"run{run.id}_metrics.csv", mime="text/csv", key="rd_dl_csv",
                            help="Every logged value, one row per (phase, step, key).")
     with c2:
-        st.download_button("⬇ Config (YAML)", data=yaml.safe_dump(run.config, sort_keys=False),
+        st.download_button("Config (YAML)", icon=":material/download:", data=yaml.safe_dump(run.config, sort_keys=False),
                            file_name=f"run{run.id}_config.yaml", mime="application/x-yaml", key="rd_dl_yaml",
                            help="Load it on the New experiment page or with the CLI to run it again.")
-    ckpts = metrics.checkpoint_paths(store, run.id)
+    ckpts = artifacts.checkpoint_paths(store, run.id)
     path = ckpts.get(("student", "best")) or ckpts.get(("student", "last"))
     with c3:
         if path:
-            st.download_button("⬇ Student weights (safetensors)", data=lambda: Path(path).read_bytes(),
+            st.download_button("Student weights (safetensors)", icon=":material/download:", data=lambda: Path(path).read_bytes(),
                                file_name=f"run{run.id}_{Path(path).name}", mime="application/octet-stream",
                                key="rd_dl_ckpt", help=f"{Path(path).name}: load with safetensors into kd_core.models.create_model.")
         else:
@@ -288,7 +288,24 @@ def downloads_tab(store, run) -> None:
         st.caption("Files: " + " · ".join(f"{k}: `{p}`" for k, p in sorted(others.items())))
 
 
+def config_tab(store, run) -> None:
+    st.code(yaml.safe_dump(run.config, sort_keys=False), language="yaml")
+
+
+def log_tab(store, run) -> None:
+    st.code(log_tail(store, run) or "(no log yet)", language="text")
+
+
+# label -> view; only the open tab is drawn (st.tabs with a key reruns on a switch and says which one is open)
+TABS = {
+    ":material/show_chart: Curves": curves_tab, ":material/target: Accuracy": accuracy_tab,
+    ":material/bar_chart: Per class": per_class_tab, ":material/grid_on: Confusion": confusion_tab,
+    ":material/settings: Config": config_tab, ":material/description: Log": log_tab, ":material/download: Downloads": downloads_tab,
+}
+
+
 def body(store, run) -> None:
+    header(store, run)
     if run.status in ACTIVE:
         progress_block(run)
     if run.status == "failed":
@@ -299,23 +316,10 @@ def body(store, run) -> None:
     elif run.status == "cancelled":
         st.warning("This run was cancelled. **Resume** continues from its last checkpoint.")
     summary_block(run)
-    reps = metrics.reports(store, run)
-    tabs = st.tabs(["📈 Curves", "🎯 Accuracy", "🔢 Per class", "🧩 Confusion", "⚙️ Config", "📜 Log", "⬇ Downloads"])
-    with tabs[0]:
-        curves_tab(store, run)
-    with tabs[1]:
-        accuracy_tab(store, run)
-    with tabs[2]:
-        per_class_tab(store, run, reps)
-    with tabs[3]:
-        confusion_tab(run, reps)
-    with tabs[4]:
-        st.code(yaml.safe_dump(run.config, sort_keys=False), language="yaml")
-    with tabs[5]:
-        tail = log_tail(store, run)
-        st.code(tail or "(no log yet)", language="text")
-    with tabs[6]:
-        downloads_tab(store, run)
+    for tab, render in zip(st.tabs(list(TABS), key="rd_tab", on_change="rerun"), TABS.values()):
+        if tab.open is not False:
+            with tab:
+                render(store, run)
 
 
 def main() -> None:
@@ -323,7 +327,7 @@ def main() -> None:
     run = pick_run(store)
     if run is None:
         return
-    header(store, run)
+    st.title(f"#{run.id} {run.name}")
     first_status = run.status
     live = first_status in ACTIVE
 
@@ -334,9 +338,6 @@ def main() -> None:
         except KeyError:
             st.warning(f"Run #{run.id} was deleted.")
             return
-        if live:
-            ui_state.reconcile(store)
-            current = store.get_run(run.id)
         if current.status != first_status and (current.status not in ACTIVE) == live:
             st.rerun()  # started or finished: redraw the page (and stop or start the timer)
         body(store, current)

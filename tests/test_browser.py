@@ -1,19 +1,22 @@
 """A real browser (Debian's chromium driven by Playwright) against a real `streamlit run app.py`.
 
-Fills the New experiment form for a short mnist5k run, launches it, watches it reach `completed` on the
-run page, checks the accuracy chart and the summary, and saves a screenshot of every page under
-test-artifacts/screenshots/.
+Loads the digits preset in the New experiment form (fewer epochs), launches it, watches it reach `completed` on the run page,
+checks the accuracy chart and the summary, and saves a screenshot of every page under
+test-artifacts/screenshots/. The other test_browser_*.py modules reuse ``serve``, ``browser_page`` and ``settle``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def serve(home: Path, **extra_env: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """`streamlit run app.py` on a free port with its own database and data folder under ``home``."""
     require_chromium()
-    home = tmp_path_factory.mktemp("browser")
     env = {
         **os.environ,
         "DISTILLERY_DB_URL": f"sqlite:///{home / 'distillery.db'}",
+        "DISTILLERY_HOME": str(home),
         "DISTILLERY_ARTIFACTS": str(home / "artifacts"),
         "DISTILLERY_SLOTS": "1",
+        **extra_env,
     }
     port = free_port()
     server = subprocess.Popen(
@@ -66,10 +71,12 @@ def app_url(tmp_path_factory: pytest.TempPathFactory):
     else:
         server.kill()
         pytest.fail("the dashboard did not answer /_stcore/health within 60 s")
-    yield url, env
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=20)
-    stop_workers(env)
+    try:
+        yield url, env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+        stop_workers(env)
 
 
 def stop_workers(env: dict[str, str]) -> None:
@@ -83,47 +90,73 @@ def stop_workers(env: dict[str, str]) -> None:
     store.dispose()
 
 
-def set_number(page, label: str, value: str, nth: int = 0) -> None:
-    box = page.get_by_label(label, exact=True).nth(nth)
-    box.fill(value)
-    box.press("Enter")
-    page.wait_for_timeout(400)  # let Streamlit rerun with the new value
-
-
-def settle(page) -> None:
-    """Wait until Streamlit has finished running the page script (its status widget goes away)."""
-    page.wait_for_timeout(500)
-    page.get_by_test_id("stStatusWidget").wait_for(state="detached", timeout=90_000)
-    page.wait_for_timeout(1000)  # plotly draws after the script ends
-
-
-def test_launch_from_the_form_and_watch_the_run_complete(app_url) -> None:
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 2200):
+    """A fresh Chromium page; ``expect`` waits generously (a fresh server's first page imports torch)."""
     from playwright.sync_api import expect, sync_playwright
 
-    url, _ = app_url
-    expect.set_options(timeout=60_000)  # a fresh server's first page imports torch
+    expect.set_options(timeout=90_000)
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2200})
-        page.set_default_timeout(60_000)
+        context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+        page = context.new_page()
+        page.set_default_timeout(90_000)
+        try:
+            yield page
+        finally:
+            browser.close()
 
+
+def settle(page) -> None:
+    """Wait until Streamlit has finished running the page script and drawn it (as Streamlit's own browser tests do)."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(500)
+    page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(timeout=90_000)
+    page.get_by_test_id("stStatusWidget").wait_for(state="detached", timeout=90_000)
+    expect(page.get_by_test_id("stSkeleton")).to_have_count(0)
+    page.wait_for_timeout(1000)  # plotly draws after the script ends
+
+
+def type_into(page, label: str, value: str, nth: int = 0) -> None:
+    box = page.get_by_label(label, exact=True).nth(nth)
+    box.fill(value)
+    box.press("Enter")
+    settle(page)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory):
+    with serve(tmp_path_factory.mktemp("browser")) as served:
+        yield served
+
+
+def test_launch_the_digits_preset_and_watch_the_run_complete(app_url) -> None:
+    from playwright.sync_api import expect
+
+    url, _ = app_url
+    with browser_page() as page:
         page.goto(f"{url}/new_experiment")
         expect(page.get_by_text("Start from a preset")).to_be_visible()
-        page.get_by_role("button", name="Load preset").click()  # the default preset: MNIST-5k KD in one minute
-        page.wait_for_timeout(1000)
-        set_number(page, "Subset (max training images)", "600")
-        set_number(page, "Epochs", "1", nth=0)  # teacher
-        set_number(page, "Epochs", "2", nth=1)  # student
-        set_number(page, "Analysis images", "100")  # t-SNE of 100 points takes a second or two
+        preset = page.get_by_test_id("stSelectbox").filter(has_text="Start from a preset")
+        preset.click()
+        page.get_by_role("option", name="digits · cnn_small → cnn_tiny").click()
+        page.get_by_role("button", name="Load preset").click()
         settle(page)
+        expect(page.get_by_text("(65.3× smaller)").first).to_be_visible()  # the preset's computed compression
+        type_into(page, "Epochs", "2", nth=0)  # teacher: a shorter run than the preset's, on a machine shared with others
+        type_into(page, "Epochs", "3", nth=1)  # student and baseline
         page.screenshot(path=str(SHOTS / "new_experiment.png"))
-        launch = page.get_by_role("button", name="🚀 Launch")
+        launch = page.get_by_role("button", name="Launch")
         expect(launch).to_be_enabled()
         launch.click()
 
-        page.wait_for_url("**/run_detail**", timeout=60_000)
-        expect(page.get_by_text("completed", exact=False).first).to_be_visible(timeout=420_000)
+        page.wait_for_url("**/run_detail**")
+        header = page.get_by_test_id("stMarkdownContainer").filter(has_text="· dataset").first
+        expect(header).to_contain_text(re.compile("completed|failed|cancelled"), timeout=600_000)
+        page.screenshot(path=str(SHOTS / "run_detail_finished.png"))
+        expect(header).to_contain_text("completed")
         expect(page.get_by_text("KD gain").first).to_be_visible()
         # the page redraws once when the run finishes; then exactly one set of tabs remains
         expect(page.get_by_role("tab", name="Accuracy")).to_have_count(1, timeout=30_000)
@@ -136,4 +169,3 @@ def test_launch_from_the_form_and_watch_the_run_complete(app_url) -> None:
             settle(page)
             expect(page.locator("[data-testid='stException']")).to_have_count(0)
             page.screenshot(path=str(SHOTS / f"{name}.png"))
-        browser.close()

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = ROOT / "pages" / "analysis.py"
 TIMEOUT = 90
-TABS = ("🧠 Layer similarity (CKA)", "📍 Prototypes & embeddings", "🔥 Attribution maps",
-        "🎯 Agreement & calibration", "🔎 Disagreement explorer")
+from ui.analysis.common import TABS as TAB_LABELS  # noqa: E402
+
+TABS = tuple(TAB_LABELS.values())
 
 
 def _config() -> dict:
@@ -72,7 +72,8 @@ def env(tmp_path_factory):
 def _app(run_id: int, tab: str | None = None, **state):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(PAGE), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)  # through the app's navigation, as a user
+    at.switch_page("pages/analysis.py")
     at.query_params["run"] = str(run_id)
     if tab is not None:
         at.session_state["an_tab"] = tab
@@ -124,7 +125,9 @@ def test_cka_tab_heatmap_with_checkpoint_slider(env):
     names = {tr["name"].split(" · ")[0] for tr in over_time["data"]}
     assert names == {"Student", "Baseline"}  # KD student and baseline in one chart
     assert all(len(tr["x"]) == 2 for tr in over_time["data"])
-    assert any(_title(f) == "Teacher vs teacher" for f in figs)
+    assert not any(_title(f) == "Teacher vs teacher" for f in figs)  # self-similarity on request
+    at.toggle(key="an_a_cka_self").set_value(True).run()
+    assert any(_title(f) == "Teacher vs teacher" for f in _figures(at))
     # slide back to epoch 1
     slider.set_value(1).run()
     _no_exceptions(at)
@@ -157,14 +160,32 @@ def test_prototype_tab_tables_and_embeddings(env):
 def test_attribution_gallery(env):
     at = _app(env["run"], TABS[2])
     _no_exceptions(at)
-    assert any("Scaling in use: per map" in i.value for i in at.info)
+    shown = " ".join(i.value for i in at.info)
+    assert "|attribution| with a light Gaussian blur" in shown and "each map scaled on its own" in shown
+    assert at.multiselect(key="an_a_attr_methods").value == ["smoothgrad", "gradcam"]  # smooth maps by default
     gallery = [f for f in _figures(at) if _title(f).startswith("image ")]
     assert len(gallery) == 4
+    maps = [tr for tr in gallery[0]["data"] if tr["type"] == "heatmap" and tr.get("colorscale") != "gray"]
+    assert all(_array(tr["z"]).min() >= 0 for tr in maps)  # absolute values, blurred
     summary = next(f for f in _figures(at) if "agree with the teacher" in _title(f))
     assert any(s.get("type") == "line" for s in summary["layout"].get("shapes", []))  # random-map IoU reference
     at.radio(key="an_a_attr_norm").set_value("joint").run()
+    at.toggle(key="an_a_attr_smooth").set_value(False).run()
     _no_exceptions(at)
-    assert any("Scaling in use: jointly" in i.value for i in at.info)
+    shown = " ".join(i.value for i in at.info)
+    assert "maps of an image on one scale" in shown and "raw signed attribution" in shown
+
+
+def test_display_smoothing_keeps_where_the_map_is():
+    from ui.analysis.attribution import for_display
+
+    spike = np.zeros((28, 28))
+    spike[10, 20] = -3.0
+    shown = for_display(spike)
+    assert shown.min() >= 0 and np.unravel_index(shown.argmax(), shown.shape) == (10, 20)
+    assert 0 < shown[10, 20] < 3 and shown[10, 21] > 0  # spread to the neighbours
+    checker = np.indices((28, 28)).sum(0) % 2 * 2.0 - 1  # the checkerboard of raw gradients
+    assert for_display(checker).std() < 0.05 * np.abs(checker).std() + 1e-9
 
 
 def test_agreement_counts_sum_to_n(env):
@@ -183,11 +204,11 @@ def test_agreement_counts_sum_to_n(env):
 
 
 def test_explorer_lists_images_of_a_bucket(env):
-    from ui import analysis_views as av
+    from ui.analysis.data import BUCKETS
 
     data = _analysis(env)
     counts = data["agreement"]["student"]
-    bucket = max(av.BUCKETS, key=lambda b: counts[b])  # a bucket that surely holds images
+    bucket = max(BUCKETS, key=lambda b: counts[b])  # a bucket that surely holds images
     at = _app(env["run"], TABS[4], an_a_exp_bucket=bucket)
     _no_exceptions(at)
     images = at.get("image")
@@ -215,7 +236,8 @@ def test_run_without_artifacts_says_so(env):
 def test_compare_two_runs_side_by_side(env):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(PAGE), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at.switch_page("pages/analysis.py")
     at.query_params["run"] = str(env["run"])
     at.query_params["with"] = str(env["live"])
     at.run()
@@ -242,17 +264,58 @@ def test_widget_values_survive_switching_tabs(env):
 
 
 def test_view_helpers():
-    from ui import analysis_views as av
+    from ui.analysis.attribution import normalize_group
+    from ui.analysis.cka import matching_rows
+    from ui.analysis.data import thumbnail
+    from ui.analysis.embeddings import selected_indices
 
     m = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.8], [0.1, 0.7, 0.4]])
-    assert av.matching_rows(m, "best").tolist() == [0, 2, 1]
-    assert av.matching_rows(m, "depth").tolist() == [0, 1, 2]
-    assert av.matching_rows(np.zeros((4, 3)), "depth").tolist() == [0, 2, 3]  # 0, 1.5 (rounds to even), 3
+    assert matching_rows(m, "best").tolist() == [0, 2, 1]
+    assert matching_rows(m, "depth").tolist() == [0, 1, 2]
+    assert matching_rows(np.zeros((4, 3)), "depth").tolist() == [0, 2, 3]  # 0, 1.5 (rounds to even), 3
     weak, strong = np.full((4, 4), 0.1), np.full((4, 4), 1.0)
-    per_map = av.normalize_group({"teacher": strong, "student": weak}, "per_map")
-    joint = av.normalize_group({"teacher": strong, "student": weak}, "joint")
+    per_map = normalize_group({"teacher": strong, "student": weak}, "per_map")
+    joint = normalize_group({"teacher": strong, "student": weak}, "joint")
     assert np.allclose(per_map["student"], 1.0) and np.allclose(joint["student"], 0.1)  # joint keeps magnitudes
     sel = {"selection": {"points": [{"customdata": [5]}, {"customdata": 2}, {"customdata": -1}, {"x": 1}]}}
-    assert av.selected_indices(sel) == [2, 5]  # prototype markers (-1) and points without an index are ignored
-    assert av.thumbnail(np.ones((1, 8, 8)), 96).shape == (96, 96)
-    assert av.thumbnail(np.ones((3, 32, 32)), 96).shape == (96, 96, 3)
+    assert selected_indices(sel) == [2, 5]  # prototype markers (-1) and points without an index are ignored
+    assert thumbnail(np.ones((1, 8, 8)), 96).shape == (96, 96)
+    assert thumbnail(np.ones((3, 32, 32)), 96).shape == (96, 96, 3)
+
+
+def test_the_first_tab_never_reads_the_tensors(env, tmp_path):
+    """A run whose analysis tensors are unreadable: the CKA tab still opens; the tabs that need them say why not."""
+    store = env["store"]
+    run = store.get_run(env["run"])
+    broken = store.create_run("broken tensors", run.config, status="completed")
+    for art in store.artifacts(env["run"], "cka"):
+        store.add_artifact(broken, "cka", art.path, art.meta)
+    summary = store.artifacts(env["run"], "analysis")[0]
+    (tmp_path / "analysis.safetensors").write_bytes(b"not a safetensors file")
+    store.add_artifact(broken, "analysis", summary.path, {**summary.meta, "tensors": str(tmp_path / "analysis.safetensors")})
+    at = _app(broken)
+    _no_exceptions(at)
+    assert any(_title(f).startswith("Teacher vs student — epoch") for f in _figures(at)) and not at.info
+    at.session_state["an_tab"] = TABS[1]
+    at.run()
+    _no_exceptions(at)
+    assert any("Could not read" in i.value and "analysis.safetensors" in i.value for i in at.info)
+
+
+def test_prototype_numbers_say_where_they_come_from(env):
+    at = _app(env["run"], TABS[1])
+    n = _analysis(env)["n"]
+    assert any(f"Computed on {n} test images" in c.value for c in at.caption)
+    assert "top-1 on these images (%)" in at.dataframe[0].value.columns
+
+
+def test_explanations_agree_with_the_numbers_shown():
+    from ui.analysis.prototypes import norm_sentence, sample_note
+
+    assert "shorter than the teacher's" in norm_sentence(0.93)
+    assert "as long as the teacher's" in norm_sentence(0.998) and "as long as the teacher's" in norm_sentence(1.004)
+    assert "longer than the teacher's" in norm_sentence(1.2)
+    note = sample_note({"n": 500, "split": "test", "accuracy": {"teacher": 97.2, "student": 87.2}},
+                       {"teacher_acc": 97.6, "student_acc": 87.2})
+    assert note.startswith("Computed on 500 test images") and "teacher 97.6 % there, 97.2 % here" in note
+    assert "student (distilled)" not in note  # the same to one decimal: nothing to explain

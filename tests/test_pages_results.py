@@ -93,6 +93,13 @@ def _title(fig: dict) -> str:
     return title.get("text", "") if isinstance(title, dict) else str(title)
 
 
+def _open_tab(at, name: str):
+    """Click the tab whose label ends with ``name`` (the page reruns and draws that tab only)."""
+    label = next(t.label for t in at.tabs if t.label.endswith(name))
+    at.session_state["rd_tab"] = label
+    return at.run()
+
+
 def _no_exceptions(at) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
@@ -110,18 +117,17 @@ def test_run_detail_renders_summary_accuracy_and_confusions(env):
     assert "Teacher" in shown and "Baseline (best)" in shown
     student_delta = next(m.delta for m in at.metric if m.label == "Student (best)")
     assert student_delta.endswith("pts")
-    titles = [_title(f) for f in _figures(at)]
-    assert any(t.startswith("Top-1 accuracy per epoch") for t in titles), titles
-    acc = next(f for f in _figures(at) if _title(f).startswith("Top-1 accuracy per epoch"))
+    assert any("Total loss" in _title(f) for f in _figures(at))  # the first tab, Curves, is open
+    config = json.loads(at.get("plotly_chart")[0].proto.config)  # every chart exports a 2x PNG with a meaningful name
+    figures = _figures(_open_tab(at, "Accuracy"))
+    titles = [_title(f) for f in figures]
+    assert not any("Total loss" in t for t in titles)  # only the open tab is drawn
+    acc = next(f for f in figures if _title(f).startswith("Top-1 accuracy per epoch"))
     assert {tr["name"] for tr in acc["data"]} >= {"Teacher", "Student (distilled)", "Baseline (CE only)"}
-    confusions = [f for f in _figures(at) if f["data"] and f["data"][0]["type"] == "heatmap"]
-    assert len(confusions) == 3
-    assert [_title(f).split(":")[0] for f in confusions] == ["Teacher", "Student (distilled, best)", "Baseline (best)"]
     assert any("Agreement with the teacher" in t for t in titles)
-    assert any("Accuracy per class" in t for t in titles)
-    assert any("Total loss" in t for t in titles)
-    # every chart exports a 2x PNG with a meaningful name
-    config = json.loads(at.get("plotly_chart")[0].proto.config)
+    assert any("Accuracy per class" in _title(f) for f in _figures(_open_tab(at, "Per class")))
+    confusions = [f for f in _figures(_open_tab(at, "Confusion")) if f["data"] and f["data"][0]["type"] == "heatmap"]
+    assert [_title(f).split(":")[0] for f in confusions] == ["Teacher", "Student (distilled, best)", "Baseline (best)"]
     assert config["toImageButtonOptions"]["scale"] == 2 and config["toImageButtonOptions"]["filename"].startswith(f"run{env['a']}_")
     assert st_query(at) == str(env["a"])
 
@@ -170,9 +176,9 @@ def test_compare_two_runs_shows_differing_fields(env):
     assert list(table.loc["recipe[1].params.temperature"]) == ["4", "2"]
     curve = next(f for f in _figures(at) if "top1" in _title(f))
     colors = {tr["name"]: tr["line"]["color"] for tr in curve["data"] if tr.get("showlegend", True) is not False}
-    from ui.charts import run_color
+    from ui.charts import run_colors
 
-    assert colors[next(n for n in colors if n.startswith(f"#{a} "))] == run_color(a)
+    assert colors[next(n for n in colors if n.startswith(f"#{a} "))] == run_colors([a, b])[a]
     at.toggle(key="cmp_diff").set_value(False).run()
     assert "dataset.name" in at.dataframe[-1].value.index
 
@@ -204,8 +210,10 @@ def test_playground_without_runs_offers_the_preset(env, monkeypatch, tmp_path):
     monkeypatch.setenv("DISTILLERY_DB_URL", f"sqlite:///{tmp_path / 'empty.sqlite'}")
     at = _app("playground.py")
     _no_exceptions(at)
-    assert any("finished experiment" in i.value for i in at.info)
-    assert at.button(key="pg_preset").label.startswith("➕")
+    info = " ".join(i.value for i in at.info)
+    assert "finished experiment" in info
+    assert "(65.3× smaller)" in info  # computed from the preset's architectures, as the form computes it
+    assert at.button(key="pg_preset").label == "Set up the default preset"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -230,12 +238,13 @@ def test_playground_kd_gradient_maths():
 
 
 def test_ema_flatten_groups_and_colors():
-    from ui import charts, metrics
+    from ui import charts, results
 
     assert charts.ema([5.0, 5.0, 5.0], 0.9).tolist() == [5.0, 5.0, 5.0]  # debiased: no pull towards 0
     assert np.allclose(charts.ema([1.0, 2.0], 0.0), [1.0, 2.0])
-    assert charts.run_color(3) == charts.run_color(3 + len(charts.PALETTE)) and charts.run_color(1) != charts.run_color(2)
-    flat = metrics.flatten({"a": {"b": 1}, "recipe": [{"loss": "kd", "params": {"temperature": 4}}], "m": [1, 2]})
+    # every run of a chart has its own colour, however many (ids 7 and 19 once shared one)
+    assert len(set(charts.run_colors([7, 19]).values())) == 2 and len(set(charts.run_colors(range(1, 41)).values())) == 40
+    flat = results.flatten({"a": {"b": 1}, "recipe": [{"loss": "kd", "params": {"temperature": 4}}], "m": [1, 2]})
     assert flat == {"a.b": 1, "recipe[0].loss": "kd", "recipe[0].params.temperature": 4, "m": "1, 2"}
 
     class R:
@@ -245,10 +254,10 @@ def test_ema_flatten_groups_and_colors():
             self.summary = {"student_acc": acc, "kd_gain": acc - 90}
 
     runs = [R(1, 0, 0.1, 91.0), R(2, 1, 0.1, 93.0), R(3, 0, 0.2, 95.0)]
-    groups = metrics.seed_groups_frame(runs)
+    groups = results.seed_groups_frame(runs)
     assert list(groups["n"]) == [2, 1]
     assert groups.iloc[0]["student best (test %)"] == "92.00 ± 1.41"
-    assert metrics.differing_fields(runs) == ["name", "seed", "student.lr"]
-    assert list(metrics.numeric_differing(runs).columns) == ["seed", "student.lr"]
-    assert metrics.parse_run_ids("1, 2,x,3") == [1, 2, 3]
-    assert isinstance(metrics.results_frame(runs), pd.DataFrame)
+    assert results.differing_fields(runs) == ["name", "seed", "student.lr"]
+    assert list(results.numeric_differing(runs).columns) == ["seed", "student.lr"]
+    assert results.parse_run_ids("1, 2,x,3") == [1, 2, 3]
+    assert isinstance(results.results_frame(runs), pd.DataFrame)

@@ -17,84 +17,9 @@ pytest.importorskip("streamlit")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 60
-TINY_YAML = """
-name: tiny digits
-seed: 3
-device: cpu
-dataset: {name: digits, val_fraction: 0.0, subset: 200}
-teacher: {arch: cnn_tiny, source: random, epochs: 1}
-student:
-  arch: cnn_tiny
-  epochs: 1
-  batch_size: 64
-  optimizer: {name: adamw, lr: 0.003, weight_decay: 0.0001}
-  scheduler: none
-recipe:
-  - {loss: ce, weight: 0.5}
-  - {loss: kd, weight: 0.5, params: {temperature: 2}}
-baseline: false
-"""
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A fresh database and artifacts folder for the app; streamlit caches cleared around the test."""
-    import streamlit as st
-
-    url = f"sqlite:///{tmp_path / 'dash.db'}"
-    monkeypatch.setenv("DISTILLERY_DB_URL", url)
-    monkeypatch.setenv("DISTILLERY_ARTIFACTS", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "data"))
-    monkeypatch.setenv("DISTILLERY_ALLOWED_ROOTS", str(ROOT / "distillery-data"))
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    from storage import Store
-
-    store = Store(url)
-    yield store
-    store.dispose()
-    st.cache_resource.clear()
-
-
-@pytest.fixture
-def no_dispatch(monkeypatch):
-    import kd_core.runner as runner
-
-    monkeypatch.setattr(runner, "dispatch", lambda store, executor: [])
-
-
-def app() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def new_experiment() -> AppTest:
-    at = app()
-    at.switch_page("pages/new_experiment.py").run()
-    assert not at.exception, at.exception
-    return at
-
-
-def errors(at: AppTest) -> str:
-    return "\n".join(e.value for e in at.error)
-
-
-def launch_button(at: AppTest):
-    return next(b for b in at.button if "Launch" in b.label)
-
-
-def paste_yaml(at: AppTest, text: str) -> None:
-    at.text_area(key="nx_import_text").set_value(text)
-    at.button(key="nx_import_btn").click().run()
-    assert not at.exception, at.exception
-
-
-def shown_yaml(at: AppTest) -> dict:
-    return yaml.safe_load(at.code[-1].value)
+from tests.ui_apptest import (  # noqa: E402,F401 - fixtures
+    ROOT, TINY_YAML, app, env, errors, launch_button, new_experiment, no_dispatch, paste_yaml, shown_yaml,
+)
 
 
 # --------------------------------------------------------------------------- New experiment
@@ -117,26 +42,6 @@ def test_form_rejects_bad_values(env, no_dispatch):
     assert "dataset.root: '/etc' is outside the folders" in errors(at)
 
 
-def test_uploaded_checkpoint_is_checked(env, no_dispatch, tmp_path):
-    import torch
-
-    from kd_core.models import create_model
-
-    at = new_experiment()
-    at.selectbox(key="nx_t_src").set_value("upload").run()
-    at.file_uploader(key="nx_t_upload").upload("junk.pt", b"this is not a checkpoint", "application/octet-stream").run()
-    assert "teacher.source: junk.pt is not a plain torch state dict" in errors(at) and launch_button(at).disabled
-    path = tmp_path / "teacher.pt"
-    torch.save(create_model("cnn_small", 10, 1, 28).state_dict(), path)  # mnist5k: 10 classes, 1×28×28
-    at.file_uploader(key="nx_t_upload").upload("teacher.pt", path.read_bytes(), "application/octet-stream").run()
-    assert errors(at) == "", errors(at)
-    saved = list((tmp_path / "data" / "uploads").glob("*.pt"))
-    assert len(saved) == 1 and len(saved[0].stem) == 64
-    assert shown_yaml(at)["teacher"]["source"] == f"file:{saved[0]}"
-    at.selectbox(key="nx_t_arch").set_value("cnn_tiny").run()  # same file, wrong architecture
-    assert "does not match teacher.arch 'cnn_tiny'" in errors(at)
-
-
 def test_import_fills_form_and_export_round_trips(env, no_dispatch):
     from kd_core.config import validate_config
 
@@ -157,15 +62,18 @@ def test_import_fills_form_and_export_round_trips(env, no_dispatch):
 
 
 def test_presets_load(env, no_dispatch):
+    """Every shipped config is offered, named after what it trains; the default and the digits demo come first."""
     from kd_core.config import validate_config
 
     at = new_experiment()
     labels = at.selectbox(key="nx_preset_choice").options
-    for label in ("MNIST-5k KD in one minute", "Digits in seconds", "CIFAR-100 resnet32x4→resnet8x4 KD"):
-        assert label in labels
-    assert any("dkd" in label.lower() for label in labels)
-    dkd = next(label for label in labels if "dkd" in label.lower())
-    for label in [*labels[:3], dkd]:  # the named presets and a DKD one (configs/ holds more)
+    assert labels[0] == "mnist5k · cnn_small → cnn_tiny · 0.1·ce + 0.9·kd(T=4)"
+    assert labels[1].startswith("digits · cnn_small → cnn_tiny")
+    single_runs = [f for f in (ROOT / "configs").rglob("*.yaml") if "sweep:" not in f.read_text()]  # sweeps: the CLI
+    assert len(labels) == len(single_runs)
+    dkd = next(label for label in labels if "dkd" in label and label.startswith("mnist5k"))
+    dho = next(label for label in labels if label.endswith("· method dho"))  # a method that changes the training loop
+    for label in [*labels[:2], dho, dkd]:
         at.selectbox(key="nx_preset_choice").set_value(label)
         next(b for b in at.button if b.label == "Load preset").click().run()
         assert not at.exception and errors(at) == "", (label, errors(at))
@@ -173,7 +81,7 @@ def test_presets_load(env, no_dispatch):
         assert at.session_state["nx_name"] == config.name
     assert any(t.loss == "dkd" for t in config.recipe)  # the DKD preset was loaded last
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Compression"].endswith("×")
+    assert metrics["Compression"] == "65.3×"
 
 
 def test_launch_submits_a_run(env):
@@ -205,7 +113,7 @@ def make_runs(store) -> dict[str, int]:
     base = yaml.safe_load(TINY_YAML)
     ids = {}
     ids["done"] = store.create_run("alpha digits", base, status="completed")
-    store.update_run(ids["done"], summary={"student_acc": 91.5, "student_last_acc": 90.0, "kd_gain": 1.25, "duration_s": 12},
+    store.update_run(ids["done"], summary={"student_acc": 91.5, "student_last_acc": 90.0, "kd_gain": 1.25, "trained_s": 12},
                      tags=["sweep-a"], started_at=time.time() - 20, finished_at=time.time() - 8)
     other = {**base, "dataset": {"name": "mnist5k"}, "recipe": [{"loss": "dkd", "weight": 1.0}]}
     ids["failed"] = store.create_run("beta mnist", other, status="failed")
@@ -235,7 +143,7 @@ def test_runs_table_lists_and_filters(env, no_dispatch):
     row = df[df["id"] == ids["done"]].iloc[0]
     assert row["recipe"] == "0.5·ce + 0.5·kd(T=2)" and row["models"] == "cnn_tiny → cnn_tiny"
     assert row["best_acc"] == pytest.approx(91.5) and row["kd_gain"] == pytest.approx(1.25) and row["progress"] == 100
-    assert row["status"].endswith("completed")
+    assert list(row["status"]) == ["completed"] and row["time"] == "12s"
     at.multiselect(key="runs_status").set_value(["failed", "queued"]).run()
     assert set(table(at)["id"]) == {ids["failed"], ids["queued"]}
     at.multiselect(key="runs_status").set_value([]).run()
@@ -316,7 +224,7 @@ def test_runs_page_renders_1000_runs_fast(env, no_dispatch):
     now = time.time()
     rows = [
         {"name": f"run {i}", "status": ["completed", "failed", "cancelled"][i % 3], "config": base, "parent_id": None,
-         "created_at": now - i, "summary": {"student_acc": 50 + i % 50, "kd_gain": 0.5, "duration_s": 60}, "progress": {},
+         "created_at": now - i, "summary": {"student_acc": 50 + i % 50, "kd_gain": 0.5, "trained_s": 60}, "progress": {},
          "tags": ["bulk"], "hidden": False}
         for i in range(1000)
     ]

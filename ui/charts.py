@@ -2,7 +2,7 @@
 
 Conventions (so every chart of the dashboard looks alike and reads on a projector):
 
-* one fixed qualitative palette; ``run_color(run_id)`` gives a run the same colour on every chart;
+* the runs of one chart get distinct colours (``run_colors``): the palette in order, then evenly spread hues;
 * within one run, teacher / student / baseline have fixed colours (``role_color``);
 * fonts >= 14 px, lines 3 px, wide layouts, legends above the plot;
 * long series arrive bucketed (mean line + min/max band, ``Store.metric_series_bucketed``) and the chart
@@ -13,6 +13,7 @@ No Streamlit import here: these are plain functions, testable and usable from th
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,9 +39,20 @@ ROLE_COLORS: dict[str, str] = {
 ROLE_LABELS: dict[str, str] = {"teacher": "Teacher", "student": "Student (distilled)", "baseline": "Baseline (CE only)"}
 
 
-def run_color(run_id: int) -> str:
-    """The colour of a run on every chart of the dashboard."""
-    return PALETTE[(int(run_id) - 1) % len(PALETTE)]
+def run_colors(run_ids: Sequence[int]) -> dict[int, str]:
+    """A distinct colour for each run, in the order given (the same runs in the same order: the same colours).
+
+    The palette first; past its end, hues spread evenly around the colour wheel in between its colours, so two runs
+    never share a colour however many are compared (a colour from the run id alone repeats every 12 ids).
+    """
+    ids = list(dict.fromkeys(run_ids))
+    extra = len(ids) - len(PALETTE)
+    return {rid: PALETTE[i] if i < len(PALETTE) else _hue((i - len(PALETTE) + 0.5) / extra) for i, rid in enumerate(ids)}
+
+
+def _hue(fraction: float) -> str:
+    r, g, b = colorsys.hls_to_rgb(fraction % 1.0, 0.42, 0.75)
+    return f"#{int(r * 255):02X}{int(g * 255):02X}{int(b * 255):02X}"
 
 
 def role_color(role: str) -> str:
@@ -92,6 +104,43 @@ def style(fig: go.Figure, title: str | None = None, subtitle: str | None = None,
     fig.update_xaxes(gridcolor=GRID_COLOR, zerolinecolor=GRID_COLOR, **({"title_text": x_title} if x_title is not None else {}))
     fig.update_yaxes(gridcolor=GRID_COLOR, zerolinecolor=GRID_COLOR, **({"title_text": y_title} if y_title is not None else {}))
     return fig
+
+
+LEGEND_ROW_PX = 23  # one line of 15 px legend text
+LEGEND_CHARS = 95  # longer legend entries wrap onto a second line
+LEGEND_CHAR_PX = 9  # generous width of a character: Plotly clips an entry at the width it measured
+
+
+def legend_below(fig: go.Figure, names: Sequence[str], plot_height: int) -> go.Figure:
+    """One legend entry per line under the plot, with the figure made tall enough to hold them all.
+
+    A legend Plotly places by itself overflows the figure when there are many entries or long names, and the
+    exported PNG cuts it off; here the bottom margin grows by a row per entry (two for a wrapped name).
+    """
+    rows = 0
+    for trace in fig.data:
+        if trace.name in names and trace.showlegend is not False:
+            if len(trace.name) > LEGEND_CHARS:
+                trace.name = _wrap(trace.name)
+            rows += trace.name.count("<br>") + 1
+    bottom = 80 + LEGEND_ROW_PX * rows
+    top = fig.layout.margin.t or 80
+    longest = max((len(line) for n in names for line in _wrap(n).split("<br>")), default=10)
+    fig.update_layout(
+        showlegend=True, height=top + plot_height + bottom, margin={"b": bottom},
+        legend={"orientation": "v", "yref": "container", "y": 0, "yanchor": "bottom", "x": 0, "xanchor": "left",
+                "tracegroupgap": 0, "entrywidth": 40 + LEGEND_CHAR_PX * longest, "entrywidthmode": "pixels"},
+    )
+    return fig
+
+
+def _wrap(name: str) -> str:
+    words, lines = name.split(" "), [""]
+    for word in words:
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > LEGEND_CHARS:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    return "<br>".join(lines)
 
 
 # --------------------------------------------------------------------------- long series
@@ -199,6 +248,7 @@ def curves_figure(curves: Sequence[Curve], *, x: str = "step", title: str = "", 
     subtitle = points_subtitle(n_buckets, total_points) if n_buckets else "no data yet"
     style(fig, title, subtitle, height=height, x_title=X_TITLES.get(x, x), y_title=y_title)
     fig.update_layout(meta={"buckets": n_buckets, "points": total_points}, hovermode="x unified")
+    legend_below(fig, [c.name for c in curves if c.frame is not None and len(c.frame)], plot_height=height - 195)
     if log_y:
         fig.update_yaxes(type="log")
     return fig

@@ -9,22 +9,16 @@
   buckets are power-of-two wide and aligned at step 0, so bucket ``[k*w, (k+1)*w)`` can no longer change
   once the run logged a step ``>= (k+1)*w``.  When the width doubles as the run grows, cached buckets are
   merged in pairs instead of re-read.
-* Config helpers: flatten to dotted keys, find the fields that differ, group runs that differ only by seed.
 
 Works outside a Streamlit session too (the benchmark): ``st.cache_data`` then keeps a process-local memo.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import math
-import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -354,183 +348,3 @@ def last_class_acc(store: Any, run: Any) -> dict[str, list[float]]:
         idx = last["key"].str.rsplit("/", n=1).str[-1].astype(int)
         out[str(phase)] = last.assign(c=idx).sort_values("c")["value"].tolist()
     return dict(sorted(out.items(), key=lambda kv: _role_order(kv[0])))
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _read_json(path: str, mtime: float) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def reports(store: Any, run: Any) -> dict[str, dict]:
-    """{report name: report} for the run (teacher, teacher_last, student_best, baseline_best, ...)."""
-    out: dict[str, dict] = {}
-    for art in store.artifacts(run.id, "report"):
-        name = str(art.meta.get("model", Path(art.path).stem))
-        p = Path(art.path)
-        if name in out or not p.is_file():
-            continue
-        try:
-            out[name] = _read_json(str(p), p.stat().st_mtime)
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def teacher_report(reps: Mapping[str, dict]) -> tuple[str, dict] | None:
-    """The teacher the student learned from: the trained teacher's last weights, or the loaded one."""
-    for name in ("teacher_last", "teacher", "teacher_best"):
-        if name in reps:
-            return name, reps[name]
-    return None
-
-
-def checkpoint_paths(store: Any, run_id: int) -> dict[tuple[str, str], str]:
-    """{(model, which): path} of the run's checkpoint files that exist."""
-    out: dict[tuple[str, str], str] = {}
-    for art in store.artifacts(run_id, "checkpoint"):
-        key = (str(art.meta.get("model", "")), str(art.meta.get("which", "last")))
-        if key not in out and Path(art.path).is_file():
-            out[key] = art.path
-    return out
-
-
-def checkpoint_arch(store: Any, run_id: int, model: str) -> str | None:
-    for art in store.artifacts(run_id, "checkpoint"):
-        if art.meta.get("model") == model and art.meta.get("arch"):
-            return str(art.meta["arch"])
-    return None
-
-
-def metrics_csv(store: Any, run_id: int) -> bytes:
-    """Every metric row of the run, long format (phase, step, epoch, key, value, time)."""
-    buf = io.StringIO()
-    store.metrics_frame(run_id).to_csv(buf, index=False)
-    return buf.getvalue().encode()
-
-
-# --------------------------------------------------------------------------- configs and results
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> dotted keys: ``student.optimizer.lr``, ``recipe[1].params.temperature``."""
-    out: dict[str, Any] = {}
-    if isinstance(obj, Mapping):
-        if not obj and prefix:
-            out[prefix] = "{}"
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(obj, (list, tuple)):
-        if all(not isinstance(v, (Mapping, list, tuple)) for v in obj):
-            out[prefix] = ", ".join(str(v) for v in obj) if obj else "[]"
-        else:
-            for i, v in enumerate(obj):
-                out.update(flatten(v, f"{prefix}[{i}]"))
-    else:
-        out[prefix] = obj
-    return out
-
-
-def config_table(runs: Sequence[Any], *, only_differing: bool = False, skip: Iterable[str] = ()) -> pd.DataFrame:
-    """Configs side by side: one row per dotted field, one column per run ('#id name')."""
-    flats = {f"#{r.id} {r.name}": flatten(r.config) for r in runs}
-    fields: list[str] = []
-    for f in flats.values():
-        fields.extend(k for k in f if k not in fields)
-    skip = set(skip)
-    rows = {}
-    for field in fields:
-        if field in skip:
-            continue
-        values = [f.get(field, "—") for f in flats.values()]
-        if only_differing and len({json.dumps(v, sort_keys=True, default=str) for v in values}) <= 1:
-            continue
-        rows[field] = [_cell(v) for v in values]
-    return pd.DataFrame.from_dict(rows, orient="index", columns=list(flats)) if rows else pd.DataFrame(columns=list(flats))
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "none"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def differing_fields(runs: Sequence[Any]) -> list[str]:
-    return list(config_table(runs, only_differing=True).index)
-
-
-def numeric_differing(runs: Sequence[Any]) -> pd.DataFrame:
-    """Numeric config fields that differ between runs, one row per run (for parallel coordinates)."""
-    flats = [flatten(r.config) for r in runs]
-    cols: dict[str, list[float]] = {}
-    for field in differing_fields(runs):
-        vals = [f.get(field) for f in flats]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            cols[field] = [float(v) for v in vals]
-    return pd.DataFrame(cols, index=[r.id for r in runs])
-
-
-RESULT_COLUMNS = OrderedDict(
-    [
-        ("teacher_acc", "teacher (test %)"),
-        ("student_acc", "student best (test %)"),
-        ("student_last_acc", "student last (test %)"),
-        ("baseline_acc", "baseline best (test %)"),
-        ("kd_gain", "KD gain (points)"),
-    ]
-)
-
-
-def results_frame(runs: Sequence[Any]) -> pd.DataFrame:
-    """Best / last / baseline / KD gain of each run (from the run summaries)."""
-    rows = []
-    for r in runs:
-        row = {"run": f"#{r.id} {r.name}", "status": r.status, "seed": r.config.get("seed")}
-        for k, label in RESULT_COLUMNS.items():
-            v = r.summary.get(k)
-            row[label] = float(v) if isinstance(v, (int, float)) else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def config_signature(config: Mapping[str, Any]) -> str:
-    """The config without seed and name: runs with equal signatures are repeats of one setup."""
-    flat = {k: v for k, v in flatten(config).items() if k not in ("seed", "name")}
-    return json.dumps(flat, sort_keys=True, default=str)
-
-
-def seed_groups_frame(runs: Sequence[Any]) -> pd.DataFrame:
-    """mean ± std of the results over runs that share a config except the seed (groups of >= 1 run)."""
-    groups: OrderedDict[str, list[Any]] = OrderedDict()
-    for r in runs:
-        groups.setdefault(config_signature(r.config), []).append(r)
-    rows = []
-    for members in groups.values():
-        row: dict[str, Any] = {
-            "runs": ", ".join(f"#{r.id}" for r in members),
-            "n": len(members),
-            "seeds": ", ".join(str(r.config.get("seed")) for r in members),
-        }
-        for k, label in RESULT_COLUMNS.items():
-            vals = [float(r.summary[k]) for r in members if isinstance(r.summary.get(k), (int, float))]
-            row[label] = mean_std_text(vals)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def mean_std_text(vals: Sequence[float]) -> str:
-    if not vals:
-        return "—"
-    s = pd.Series(vals, dtype=float)
-    if len(vals) == 1:
-        return f"{s.iloc[0]:.2f}"
-    return f"{s.mean():.2f} ± {s.std(ddof=1):.2f}"
-
-
-def parse_run_ids(text: str | None) -> list[int]:
-    """'1,2, 3' -> [1, 2, 3] (junk ignored)."""
-    return [int(t) for t in re.findall(r"\d+", text or "")]

@@ -6,7 +6,6 @@ holds what one browser tab is doing (form values, a pending confirmation, a one-
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -85,27 +84,7 @@ def get_store():
     return _store_for(default_db_url())
 
 
-def masked_db_url(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - never fail the sidebar over a URL
-        return "(unreadable database URL)"
-
-
-# --------------------------------------------------------------------------- runner
-
 ACTIVE = runner.ACTIVE_STATUSES
-
-
-def reconcile(store) -> None:
-    """Let the runner fix stale statuses and start queued runs; never break a page over it."""
-    try:
-        runner.reconcile(store)
-    except Exception as exc:  # noqa: BLE001 - a failing reconcile must not hide the table
-        st.caption(f"⚠️ Could not refresh run statuses: {exc}")
 
 
 # --------------------------------------------------------------------------- paths
