@@ -138,8 +138,10 @@ class Experiment:
         method = create_method(self.config.method.name, self.config.method.params)
         teacher = self.freeze_teacher()
         d = self.data
+        has_val = len(d.val_y) > 0
         method.build(MethodContext(student=probe_shapes(student, d.in_channels, d.image_size), teacher=probe_shapes(teacher, d.in_channels, d.image_size),
-                                   num_classes=d.num_classes, num_train=len(d.train_y), in_channels=d.in_channels, image_size=d.image_size))
+                                   num_classes=d.num_classes, num_train=len(d.train_y), in_channels=d.in_channels, image_size=d.image_size,
+                                   val_x=d.val_x if has_val else None, val_y=d.val_y if has_val else None, config=self.config))
         method.init_student(student, teacher)
         return method.to(self.device)
 

@@ -42,6 +42,12 @@ class MethodContext:
     num_train: int
     in_channels: int
     image_size: int
+    # the validation split on the training device (None when the config holds none out); a method never
+    # sees the test split
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    # the run's config (seed, the student's batch size and optimizer), for methods that need more than shapes
+    config: ExperimentConfig | None = None
 
 
 @dataclass
