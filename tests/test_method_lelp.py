@@ -62,6 +62,20 @@ def test_bad_class_selections_are_refused_with_the_field(classes: list[Any], mes
     assert info.value.errors[0][0] == "dataset.classes" and message in info.value.errors[0][1]
 
 
+def test_a_teacher_must_have_the_selected_number_of_classes(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from kd_core.models import create_model
+
+    ten, two = tmp_path / "ten.safetensors", tmp_path / "two.safetensors"
+    save_file(create_model("cnn_small", 10, 1, 8).state_dict(), str(ten))
+    save_file(create_model("cnn_small", 2, 1, 8).state_dict(), str(two))
+    with pytest.raises(ConfigError) as info:
+        validate_config(small(teacher={"arch": "cnn_small", "source": f"file:{ten}"}))
+    assert info.value.errors[0][0] == "teacher.source" and "10 classes but the dataset has 2" in info.value.errors[0][1]
+    assert validate_config(small(teacher={"arch": "cnn_small", "source": f"file:{two}"})).teacher.source == f"file:{two}"
+
+
 def test_class_selection_is_part_of_the_fingerprint_and_absent_when_unused() -> None:
     plain = validate_config(small(dataset={"name": "digits"}))
     assert config_fingerprint(plain) != config_fingerprint(validate_config(small()))
