@@ -397,6 +397,40 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file: its teacher and dataset")
+    p.add_argument("--candidates", required=True, help="student architectures, comma-separated, e.g. cnn_tiny,lenet5,mlp")
+    p.add_argument("--batch-size", type=int, default=64, help="images per scoring batch (default 64, the released code's CIFAR-10 batch)")
+    p.add_argument("--repeats", type=int, default=3, help="draws (batch and random weights) averaged (default 3)")
+    p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    p.add_argument("--teacher-init", choices=["gaussian", "trained"], default="gaussian",
+                   help="gaussian (default): the teacher Gaussian-initialised, as the released DisWOT code; "
+                        "trained: the weights teacher.source names (run:<id> or file:<path>)")
+    p.add_argument("--by", choices=["score", "relation", "semantic"], default="score",
+                   help="order by the DisWOT score (default: relation + semantic, as released) or by one of its parts")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+@command("rank-students", "DisWOT: rank candidate students for a config's teacher and dataset, training-free (nothing is trained)", _rank_args)
+def cmd_rank_students(args: argparse.Namespace) -> int:
+    from kd_core.config import load_config
+    from kd_core.diswot import rank_students
+    from kd_core.teachers import TeacherUnavailable, run_teachers_in
+
+    run_teachers = run_teachers_in(open_store(args)) if args.teacher_init == "trained" else None
+    config = load_config(args.config, run_teachers=run_teachers)
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    try:
+        ranking = rank_students(config, candidates, batch_size=args.batch_size, repeats=args.repeats, seed=args.seed,
+                                teacher_init=args.teacher_init, by=args.by, device=args.device, run_teachers=run_teachers)
+    except TeacherUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(ranking.describe())
+    print(ranking.table())
+    return 0
+
+
 @command("supervise", "keep the queue moving without a dashboard: notice dead workers, start queued runs (Ctrl-C stops)")
 def cmd_supervise(args: argparse.Namespace) -> int:
     from kd_core.runner.supervisor import Supervisor
@@ -420,7 +454,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     return work(args.run_id, args.db)
 
 
-OFFLINE_COMMANDS = ("work", "methods", "models")  # no database involved (the worker reconciles itself when it ends)
+OFFLINE_COMMANDS = ("work", "methods", "models", "rank-students")  # no queue involved (the worker reconciles itself when it ends)
 
 
 def reconcile_first(args: argparse.Namespace) -> None:

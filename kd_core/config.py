@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kd_core.config_checks import config_errors, missing_teacher, with_default_params
-from kd_core.data import DATASETS
+from kd_core.data import DATASETS, ClassSelection
 from kd_core.models import MODELS
 from kd_core.settings import default_dataset_root
 
@@ -77,6 +77,10 @@ class DatasetConfig(_Strict):
     augment: bool = False
     subset: int | None = Field(None, ge=20, le=100_000_000, description="cap on training images, for quick runs")
     image_size: int | None = Field(None, ge=8, le=512, description="resize for imagefolder datasets")
+    classes: ClassSelection | None = Field(
+        None, description="keep only these classes, relabelled 0, 1, ... in this order; a list merges classes into one, "
+        "e.g. [3, 5] or [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]",
+    )
 
     @field_validator("root")
     @classmethod
@@ -90,6 +94,26 @@ class DatasetConfig(_Strict):
     def _known(cls, value: str) -> str:
         if value not in DATASETS:
             raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _selectable(cls, value: ClassSelection | None, info: ValidationInfo) -> ClassSelection | None:
+        if value is None:
+            return value
+        groups = [[c] if isinstance(c, int) else c for c in value]
+        members = [c for group in groups for c in group]
+        name = info.data.get("name")
+        available = DATASETS[name].num_classes if name in DATASETS else 0  # 0: imagefolder, checked when the folder is read
+        if len(groups) < 2:
+            raise ValueError("keep at least 2 classes (or leave the key out for all of them)")
+        if any(not group for group in groups):
+            raise ValueError("an empty list merges no class; give at least one class per entry")
+        if any(c < 0 or (available and c >= available) for c in members):
+            raise ValueError(f"{name} has classes 0 to {available - 1}; got {sorted(set(members))}" if available
+                             else f"class numbers are >= 0; got {sorted(set(members))}")
+        if len(set(members)) < len(members):
+            raise ValueError("each class may appear once")
         return value
 
 
@@ -189,6 +213,8 @@ _NOT_FINGERPRINTED = ("name",)
 def config_fingerprint(config: ExperimentConfig) -> str:
     """SHA-256 of everything in ``config`` that affects training (all but the name), canonically encoded."""
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
+    if data["dataset"].get("classes") is None:  # added later: configs without it keep their fingerprint
+        data["dataset"] = {k: v for k, v in data["dataset"].items() if k != "classes"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -8,7 +8,7 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kd_core.data import DATASETS
+from kd_core.data import DATASETS, num_classes_of
 from kd_core.losses import LOSSES, describe_loss
 from kd_core.losses.params import param_errors
 from kd_core.models import TORCHVISION_ARCHS, create_model, feature_spec
@@ -141,15 +141,16 @@ def _teacher_weight_errors(config: ExperimentConfig, teacher: TeacherConfig, whe
     from kd_core.teachers import TeacherUnavailable, check_fits, read_state_dict
 
     info = DATASETS[config.dataset.name]
-    if not info.num_classes:  # imagefolder: classes are known only once the folder is read
+    num_classes = num_classes_of(config.dataset.name, config.dataset.classes)
+    if not num_classes:  # imagefolder: classes are known only once the folder is read
         return []
     source = teacher.source
     size = config.dataset.image_size or info.image_size
     try:
         path = Path(source[5:]).expanduser() if source.startswith("file:") else run_teachers(int(source[4:]))  # type: ignore[misc]
         state = read_state_dict(path)
-        model = create_model(teacher.arch, info.num_classes, info.in_channels, size)
-        check_fits(model, state, teacher.arch, info.num_classes, path.name if source.startswith("file:") else f"run {source[4:]}'s teacher")
+        model = create_model(teacher.arch, num_classes, info.in_channels, size)
+        check_fits(model, state, teacher.arch, num_classes, path.name if source.startswith("file:") else f"run {source[4:]}'s teacher")
     except TeacherUnavailable as exc:
         return [(f"{where}.source", str(exc).removeprefix("teacher.source: "))]
     return []

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]  # train x/y, test x/y, class names
+# dataset.classes: which of a dataset's classes to keep, in the new label order; an entry that is a list merges
+# those classes into one (e.g. [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]: even vs odd digits)
+ClassSelection = list[int | list[int]]
 
 
 class DatasetUnavailable(RuntimeError):
@@ -100,8 +103,12 @@ def load_dataset(
     subset: int | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    classes: ClassSelection | None = None,
 ) -> DataSplits:
-    """Load ``name``, cap the training set at ``subset`` (stratified), hold out ``val_fraction`` of it."""
+    """Load ``name``, cap the training set at ``subset`` (stratified), hold out ``val_fraction`` of it.
+
+    ``classes`` keeps only those classes, relabelled 0, 1, ... in the given order (see :data:`ClassSelection`).
+    """
     try:
         info = DATASETS[name]
     except KeyError:
@@ -110,9 +117,14 @@ def load_dataset(
 
     train_x, train_y, test_x, test_y, class_names = _load_arrays(name, root or default_dataset_root(), image_size)
     # normalization constants of the dataset's whole training split: the same for every run on it, whatever
-    # its seed, subset or validation hold-out, so a teacher reused by another run sees the inputs it was trained on
+    # its seed, subset, class selection or validation hold-out, so a teacher reused by another run sees the inputs
+    # it was trained on
     mean = train_x.mean(axis=(0, 2, 3))
     std = train_x.std(axis=(0, 2, 3)) + 1e-6
+    if classes is not None:
+        train_x, train_y = select_classes(train_x, train_y, classes, len(class_names))
+        test_x, test_y = select_classes(test_x, test_y, classes, len(class_names))
+        class_names = selected_names(class_names, classes)
     rng = np.random.default_rng(seed)
     if subset is not None and subset < len(train_y):
         keep = _stratified_pick(train_y, subset, rng)
@@ -137,6 +149,32 @@ def load_dataset(
         std=[float(s) for s in std],
         flip=info.flip,
     )
+
+
+def _groups(classes: ClassSelection) -> list[list[int]]:
+    return [[int(c)] if isinstance(c, (int, np.integer)) else [int(v) for v in c] for c in classes]
+
+
+def select_classes(x: np.ndarray, y: np.ndarray, classes: ClassSelection, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The samples of the selected classes (original order kept), labelled by their entry's position."""
+    new_label = np.full(max(num_classes, int(y.max()) + 1), -1, dtype=np.int64)
+    for label, group in enumerate(_groups(classes)):
+        unknown = [c for c in group if not 0 <= c < num_classes]
+        if unknown:
+            raise ValueError(f"dataset.classes: class {unknown[0]} does not exist (labels run from 0 to {num_classes - 1})")
+        new_label[group] = label
+    keep = new_label[y] >= 0
+    return x[keep], new_label[y[keep]]
+
+
+def selected_names(class_names: list[str], classes: ClassSelection) -> list[str]:
+    """Names of the selected classes; a merged entry is named by its members joined with '+'."""
+    return ["+".join(class_names[c] if c < len(class_names) else str(c) for c in group) for group in _groups(classes)]
+
+
+def num_classes_of(name: str, classes: ClassSelection | None = None) -> int:
+    """How many classes a run on dataset ``name`` has (0 when only reading the data tells: imagefolder)."""
+    return len(classes) if classes else DATASETS[name].num_classes
 
 
 @functools.lru_cache(maxsize=4)

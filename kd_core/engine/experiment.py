@@ -68,7 +68,7 @@ class Experiment:
         self.phases = plan_phases(config)
         self.data: DataSplits = load_dataset(
             config.dataset.name, config.dataset.root, val_fraction=config.dataset.val_fraction, subset=config.dataset.subset,
-            image_size=config.dataset.image_size, seed=config.seed,
+            image_size=config.dataset.image_size, seed=config.seed, classes=config.dataset.classes,
         ).to(self.device)
         self.checkpointer = Checkpointer(self.dir, config_fingerprint(config), run_uid)
         self.callbacks: list[Callback] = [*callbacks]
@@ -141,7 +141,8 @@ class Experiment:
         has_val = len(d.val_y) > 0
         method.build(MethodContext(student=probe_shapes(student, d.in_channels, d.image_size), teacher=probe_shapes(teacher, d.in_channels, d.image_size),
                                    num_classes=d.num_classes, num_train=len(d.train_y), in_channels=d.in_channels, image_size=d.image_size,
-                                   val_x=d.val_x if has_val else None, val_y=d.val_y if has_val else None, config=self.config))
+                                   val_x=d.val_x if has_val else None, val_y=d.val_y if has_val else None, config=self.config,
+                                   train_x=d.train_x, train_y=d.train_y))
         method.init_student(student, teacher)
         return method.to(self.device)
 

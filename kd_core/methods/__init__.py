@@ -9,6 +9,7 @@ from kd_core.methods.base import METHODS, Batch, Method, MethodContext, StudentO
 from kd_core.methods import dho  # noqa: F401  (registers)
 from kd_core.methods import ofa  # noqa: F401  (registers)
 from kd_core.methods import tgeo_kd  # noqa: F401  (registers)
+from kd_core.methods import lelp  # noqa: F401  (registers)
 
 
 def describe_method(name: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MethodContext:
-    """What a method may size its modules by, once, before the student phase trains."""
+    """What a method may size its modules by (and fit to, on the training split only), once, before the student phase trains."""
 
     student: ModelShapes
     teacher: ModelShapes
@@ -48,6 +48,10 @@ class MethodContext:
     val_y: torch.Tensor | None = None
     # the run's config (seed, the student's batch size and optimizer), for methods that need more than shapes
     config: ExperimentConfig | None = None
+    # the training split as the student phase sees it (normalized, on the run's device, never augmented);
+    # for methods that fit something to the teacher before training (LELP's per-class subspaces)
+    train_x: torch.Tensor | None = None
+    train_y: torch.Tensor | None = None
 
 
 @dataclass
