@@ -167,6 +167,7 @@ def test_meal_v2_config_checks_name_the_field() -> None:
     assert info.value.errors[0][0] == "recipe[1].loss"
     stored = validate_config(meal_config()).method
     assert stored is not None and stored.params == {"discriminator": True, "discriminator_weight": 1.0, "discriminator_reduction": 8}
+    assert create_method("meal_v2", {"discriminator_reduction": 4.0}).discriminator_reduction == 4
     with pytest.raises(ValueError, match="discriminator must be true or false"):
         create_method("meal_v2", {"discriminator": "yes"})
 

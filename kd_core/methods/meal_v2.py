@@ -135,6 +135,8 @@ class MEALV2(Method):
         if isinstance(discriminator_weight, bool) or not isinstance(discriminator_weight, (int, float)) \
                 or not math.isfinite(discriminator_weight) or discriminator_weight < 0:
             raise ValueError(f"discriminator_weight must be a finite number >= 0, got {discriminator_weight!r}")
+        if isinstance(discriminator_reduction, float) and discriminator_reduction.is_integer():
+            discriminator_reduction = int(discriminator_reduction)  # 8.0 from a form or JSON means 8
         if isinstance(discriminator_reduction, bool) or not isinstance(discriminator_reduction, int) or discriminator_reduction < 1:
             raise ValueError(f"discriminator_reduction must be a whole number >= 1, got {discriminator_reduction!r}")
         self.use_discriminator = discriminator
