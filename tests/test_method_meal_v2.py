@@ -115,7 +115,7 @@ def test_the_discriminator_trains_jointly_without_gradient_reversal() -> None:
     teachers = [create_model("cnn_small", 10, 1, 8).eval(), create_model("cnn_small", 10, 1, 8).eval()]
     method = MEALV2(discriminator_weight=0.5)
     method.build(context())
-    ensemble = method.distill_teacher(teachers)
+    method.distill_teacher(teachers)
     assert isinstance(method.discriminator, LogitDiscriminator)
     assert [m.out_features for m in method.discriminator.layers if isinstance(m, torch.nn.Linear)] == [16, 4, 2]
     assert all(isinstance(m, torch.nn.ReLU) for m in list(method.discriminator.layers)[1::2])  # ReLU after every layer, as released
@@ -136,7 +136,18 @@ def test_the_discriminator_trains_jointly_without_gradient_reversal() -> None:
     by_hand.backward()
     torch.testing.assert_close(loss.detach(), by_hand.detach())
     torch.testing.assert_close(z_s.grad, z.grad)
-    assert ensemble.last_mean_logits is not None
+    assert method._memo is not None and method._known is not None and int(method._known.sum()) == 8  # no live forward: kept per sample
+    # a live step: the ensemble has just run on this batch, and its mean logits are used as they are
+    live = MEALV2()
+    live.build(context())
+    live_ensemble = live.distill_teacher(teachers)
+    x2 = torch.randn(8, 1, 8, 8)
+    live.prepare_batch(Batch(x2, torch.zeros(8, dtype=torch.long), torch.arange(8)), torch.Generator())
+    with torch.no_grad():
+        live_ensemble(x2)
+        expected = torch.stack([t(x2) for t in teachers]).mean(0)
+    torch.testing.assert_close(live.teacher_mean_logits(x2, torch.arange(8)), expected)
+    assert live._memo is None
 
 
 def test_without_the_discriminator_there_is_nothing_to_train_or_save() -> None:
@@ -185,6 +196,7 @@ class Watch(Callback):
         self.frozen_during_steps: list[bool] = []
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dataset indices, teacher logits the recipe saw)
         self.method_at_epoch_end: list[dict[str, torch.Tensor]] = []
+        self.method: MEALV2 | None = None
 
     def on_phase_start(self, run: PhaseRun) -> None:
         self.phases.append(run.phase.name)
@@ -193,7 +205,8 @@ class Watch(Callback):
         self.teachers = list(run.experiment.teachers)
         self.teachers_at_student_start = [snapshot(t) for t in self.teachers]
         method = run.method
-        assert method is not None
+        assert isinstance(method, MEALV2)
+        self.method = method
         original = method.distill_inputs
 
         def spy(inputs: LossInputs, student: StudentOutputs) -> LossInputs:
@@ -242,6 +255,12 @@ def test_the_recipe_learns_from_the_mean_of_the_teachers_softmaxes(meal_run: tup
         with torch.no_grad():
             mean = torch.stack([F.softmax(t(x), 1) for t in watch.teachers]).mean(0)
         torch.testing.assert_close(F.softmax(teacher_logits, 1), mean, rtol=0, atol=1e-6)
+    # teacher outputs were cached, so the discriminator's teacher rows (mean logits) were kept per sample too
+    method = watch.method
+    assert method is not None and method._memo_complete and method._memo is not None
+    with torch.no_grad():
+        mean_logits = torch.stack([t(data.train_x) for t in watch.teachers]).mean(0)
+    torch.testing.assert_close(method._memo, mean_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_the_discriminator_learns_and_is_checkpointed(meal_run: tuple[MemorySink, Watch, Path, dict[str, Any]]) -> None:

@@ -145,7 +145,13 @@ class MEALV2(Method):
         self.discriminator: LogitDiscriminator | None = None
         # set by distill_teacher; kept out of the module tree so the teachers never join the optimizer or checkpoint
         object.__setattr__(self, "_ensemble", None)
-        self._batch_x: torch.Tensor | None = None
+        self._batch: Batch | None = None
+        self.num_train = self.num_classes = 0
+        # the teachers' mean logits per training sample, filled on first use when the engine caches teacher
+        # outputs (derived data: not in the checkpoint, rebuilt after a resume)
+        self._memo: torch.Tensor | None = None
+        self._known: torch.Tensor | None = None
+        self._memo_complete = False
         self._disc_acc: torch.Tensor | None = None
         self._epoch_values: dict[str, float] | None = None
 
@@ -167,6 +173,7 @@ class MEALV2(Method):
         return self._ensemble  # type: ignore[no-any-return]
 
     def build(self, context: MethodContext) -> None:
+        self.num_train, self.num_classes = context.num_train, context.num_classes
         if self.use_discriminator:
             self.discriminator = LogitDiscriminator(context.num_classes, self.discriminator_reduction)
 
@@ -176,23 +183,38 @@ class MEALV2(Method):
         return ensemble
 
     def prepare_batch(self, batch: Batch, generator: torch.Generator) -> Batch:
-        self._batch_x = batch.x  # the discriminator needs the teachers' mean logits of this batch
+        self._batch = batch  # the discriminator needs the teachers' mean logits of this batch
         return batch
 
-    def teacher_mean_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The teachers' mean logits on ``x``: from the ensemble's live forward on ``x``, else computed now."""
+    def teacher_mean_logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The teachers' mean logits on the batch ``x`` (dataset indices ``idx``).
+
+        When the teacher runs live, the ensemble has just seen ``x``: its mean logits are reused. Otherwise the
+        engine serves cached teacher outputs, which it does only when a sample's input never changes between
+        epochs; so the mean logits are computed once per sample, on first use, and kept by dataset index.
+        """
         ensemble = self.ensemble
         assert ensemble is not None, "distill_teacher was not called"
-        if ensemble.last_input is not x:  # teacher outputs came from the cache
-            with torch.no_grad():
-                ensemble(x)
-        assert ensemble.last_mean_logits is not None
-        return ensemble.last_mean_logits.float()
+        if ensemble.last_input is x and ensemble.last_mean_logits is not None:
+            return ensemble.last_mean_logits.float()
+        if self._memo is None or self._known is None:
+            self._memo = torch.zeros(self.num_train, self.num_classes, device=x.device)
+            self._known = torch.zeros(self.num_train, dtype=torch.bool, device=x.device)
+        if not self._memo_complete:
+            missing = ~self._known[idx]
+            if bool(missing.any()):
+                with torch.no_grad():
+                    ensemble(x[missing])
+                assert ensemble.last_mean_logits is not None
+                self._memo[idx[missing]] = ensemble.last_mean_logits.float()
+                self._known[idx[missing]] = True
+                self._memo_complete = bool(self._known.all())
+        return self._memo[idx]
 
     def losses(self, inputs: LossInputs, student: StudentOutputs, epoch_progress: float) -> dict[str, torch.Tensor]:
-        if self.discriminator is None or self._batch_x is None:
+        if self.discriminator is None or self._batch is None:
             return {}
-        teacher = self.teacher_mean_logits(self._batch_x).detach()
+        teacher = self.teacher_mean_logits(self._batch.x, self._batch.idx).detach()
         out = self.discriminator(torch.cat([student.logits, teacher]))
         target = discriminator_targets(len(teacher), out.device)
         self._disc_acc = (out.argmax(1) == target.argmax(1)).float().mean().detach()
