@@ -61,7 +61,7 @@ def own_class_batch(b: int) -> Batch:
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.37, 1.0])
 def test_the_fraction_asked_is_mixed_with_beta_distributed_lambdas(fraction: float) -> None:
-    b, batches, a = 64, 600, 1.0
+    b, batches, a = 64, 300, 1.0
     method = built(num_classes=b, mix_fraction=fraction, beta_a=a)
     counts, lambdas = [], []
     for seed in range(batches):
