@@ -10,6 +10,8 @@ from kd_core.methods import dho  # noqa: F401  (registers)
 from kd_core.methods import ofa  # noqa: F401  (registers)
 from kd_core.methods import tgeo_kd  # noqa: F401  (registers)
 from kd_core.methods import lelp  # noqa: F401  (registers)
+from kd_core.methods import meal_v2  # noqa: F401  (registers)
+from kd_core.methods import mixup_kd  # noqa: F401  (registers)
 
 
 def describe_method(name: str) -> dict[str, Any]:
