@@ -7,6 +7,8 @@ from typing import Any
 from kd_core.losses.params import constructor_params
 from kd_core.methods.base import METHODS, Batch, Method, MethodContext, StudentOutputs, create_method, register_method
 from kd_core.methods import dho  # noqa: F401  (registers)
+from kd_core.methods import random_teacher  # noqa: F401  (registers)
+from kd_core.methods import reviewkd  # noqa: F401  (registers)
 
 
 def describe_method(name: str) -> dict[str, Any]:
