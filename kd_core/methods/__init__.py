@@ -12,6 +12,8 @@ from kd_core.methods import tgeo_kd  # noqa: F401  (registers)
 from kd_core.methods import lelp  # noqa: F401  (registers)
 from kd_core.methods import meal_v2  # noqa: F401  (registers)
 from kd_core.methods import mixup_kd  # noqa: F401  (registers)
+from kd_core.methods import random_teacher  # noqa: F401  (registers)
+from kd_core.methods import reviewkd  # noqa: F401  (registers)
 
 
 def describe_method(name: str) -> dict[str, Any]:
