@@ -11,17 +11,18 @@ Per n it times, best of k with the repeats interleaved (a shared machine disturb
   ``ours gram`` / ``ours feature``: the same with the path forced;
 * ``peer f64``: pytorch-cka's ``cka_from_features(xs, ys)`` (all pairs, debiased HSIC_1) on float64 copies
   of the features -- the precision at which values can agree to 1e-6, the target of issue 14;
-* ``peer f32``: the same on the float32 features (its speed with model features as they come; its values
-  miss the float64 ones by ~1e-5).
+* ``peer f32``: the same on the float32 features (its speed with model features as they come; it forms
+  uncentred Grams in float32, so its values miss the float64 ones by 1e-3..1e-2 on post-ReLU features).
 
 The peer holds every layer's n×n Gram at once (peak about ``(Lx + 2·Ly)·n²`` floats); it is only run when
 that fits in half the available memory, else its time is extrapolated from the largest n it ran at (its
-cost is proportional to n² at fixed widths) and marked ``~``. ``max|Δ|`` compares ours with the peer in
-float64 (ours clipped to [0, 1] as the peer clips). ``--model-check`` prints the cost model of ``auto``
-next to the measured time of both paths on three width sets, and the predicted crossover.
+cost is proportional to n² at fixed widths) and marked ``~``. "max abs diff" compares ours (``auto``)
+with the peer in float64, ours clipped to [0, 1] as the peer clips. ``--model-check`` prints the cost
+model of ``auto`` next to the measured times of both paths on three width sets, around the predicted
+crossover. On a machine busy with other work, ``--threads 1 --clock cpu`` gives steadier ratios.
 
-Usage: ``.venv/bin/python bench/cka.py [--quick] [--n 256 512 ...] [--repeats 5] [--model-check]``
-(pytorch-cka comes from ``requirements-bench.txt``).
+Usage: ``.venv/bin/python bench/cka.py [--quick] [--n 256 512 ...] [--repeats 5] [--model-check]
+[--threads 1 --clock cpu]`` (pytorch-cka comes from ``requirements-bench.txt``).
 """
 
 from __future__ import annotations
@@ -98,16 +99,21 @@ def peer_peak_bytes(n: int, lx: int, ly: int, itemsize: int) -> int:
     return (lx + 2 * ly) * n * n * itemsize
 
 
-def best_of(fns: dict[str, Callable[[], object]], k: int) -> dict[str, tuple[float, object]]:
-    """Best wall time of each function over k interleaved rounds after one untimed warm-up round (thread
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_of(
+    fns: dict[str, Callable[[], object]], k: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, tuple[float, object]]:
+    """Best time of each function over k interleaved rounds after one untimed warm-up round (thread
     pools, allocator), with its last result."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     results: dict[str, object] = {name: fn() for name, fn in fns.items()}
     for _ in range(k):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             results[name] = fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: (min(ts), results[name]) for name, ts in times.items()}
 
 
@@ -121,10 +127,11 @@ def _fmt(seconds: float | None, estimated: bool = False) -> str:
     return ("~" if estimated else "") + (f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s")
 
 
-def main_table(ns: Sequence[int], repeats: int | None, paths: Sequence[str]) -> None:
+def main_table(ns: Sequence[int], repeats: int | None, paths: Sequence[str], clock: str) -> None:
     widths = [c * s * s if p == "flatten" else c for c, s, p in LAYERS]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
-          f"layers {widths} on each side (8×8 pairs), float32 features; best of k interleaved\n")  # fmt: skip
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} time, load average "
+          f"{os.getloadavg()[0]:.1f}; layers {widths} on each side (8×8 pairs), float32 features; best of k "
+          "interleaved\n")  # fmt: skip
     print("| n | auto picks | ours auto | ours gram | ours feature | peer f64 | peer f32 | f64 peer / ours | "
           "f32 peer / ours | max abs diff (vs peer f64) | peer f32 error |")  # fmt: skip
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -142,7 +149,7 @@ def main_table(ns: Sequence[int], repeats: int | None, paths: Sequence[str]) -> 
             fns["peer64"] = lambda: peer_cka(x64, y64)
         if peer_peak_bytes(n, len(xs), len(ys), 4) < avail / 2:
             fns["peer32"] = lambda: peer_cka(xs, ys)
-        res = best_of(fns, k)
+        res = best_of(fns, k, CLOCKS[clock])
         t = {name: v[0] for name, v in res.items()}
         est = False
         if run64:
@@ -184,7 +191,7 @@ def crossover(widths: Sequence[int]) -> int:
     return hi
 
 
-def model_check(repeats: int | None, max_seconds: float) -> None:
+def model_check(repeats: int | None, max_seconds: float, clock: str) -> None:
     """Modelled gram/feature cost ratio next to the measured time ratio, around each predicted crossover."""
     print("\nCost model of method='auto' (float64-GEMM flops; float32 flops count half) vs measured time:\n")
     print("| widths (8 per side) | predicted crossover n | n | model gram/feature | measured gram/feature | "
@@ -198,7 +205,7 @@ def model_check(repeats: int | None, max_seconds: float) -> None:
                 continue
             xs, ys = teacher_student(n, [(w, 1, "flatten") for w in widths])
             fns = {p: (lambda p=p: cka_matrix_from_features(xs, ys, method=p)) for p in ("gram", "feature")}
-            t = {p: v[0] for p, v in best_of(fns, repeats or 3).items()}
+            t = {p: v[0] for p, v in best_of(fns, repeats or 3, CLOCKS[clock]).items()}
             faster = "gram" if t["gram"] < t["feature"] else "feature"
             auto = "gram" if cost_g < cost_f else "feature"
             print(f"| {name} | {cross} | {n} | {cost_g / cost_f:.2f} | {t['gram'] / t['feature']:.2f} | "
@@ -214,10 +221,16 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["auto", "gram", "feature"], choices=["auto", "gram", "feature"])
     ap.add_argument("--model-check", action="store_true", help="also check the cost model around its crossovers")
     ap.add_argument("--max-seconds", type=float, default=10.0, help="skip model-check runs predicted longer")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="cpu: process CPU time, steadier than wall time on a machine busy with other work "
+                         "(with --threads 1; several threads add their spin-waits)")  # fmt: skip
     args = ap.parse_args()
-    main_table(args.n or (QUICK_N if args.quick else FULL_N), args.repeats, args.paths)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    main_table(args.n or (QUICK_N if args.quick else FULL_N), args.repeats, args.paths, args.clock)
     if args.model_check:
-        model_check(args.repeats, args.max_seconds)
+        model_check(args.repeats, args.max_seconds, args.clock)
 
 
 if __name__ == "__main__":
