@@ -1,227 +1,236 @@
-"""Benchmark: all-pairs minibatch CKA (kd_core.analysis.cka_matrix) vs a straightforward per-pair loop.
+"""Benchmark: all-pairs debiased linear CKA from stored features, kd_core vs pytorch-cka.
 
-Models: torchvision ResNet-18 (teacher side) and ResNet-34 (student side), random weights, 32×32 inputs,
-10 tapped layers each (100 layer pairs). Data: random images (values do not change the cost).
+Features: 8 "teacher" and 8 "student" layers of widths 10, 32, 64, 128, 256, 512 (mean-pooled 4×4 maps
+or logits), 1024 and 2048 (flattened 64×4×4 and 128×4×4 maps), float32 as ``extract_features`` returns
+them, post-ReLU with random weights over a latent that the two sides partly share (so the 64 CKA values
+spread over (0, 1) and pytorch-cka's clamp to [0, 1] never bites).
 
-* ``ours``: ``cka_matrix(r18, r34, data, ..., batch_size=250)`` -- one pass, both models hooked once,
-  per batch one U-centered Gram per layer and one GEMM for all pairs (minibatch debiased linear CKA).
-* ``naive_gram``: extract all features first (float32, CPU), then a Python double loop over layer pairs
-  calling full-data debiased linear CKA in the Gram form of the google-research notebook
-  (``cka(gram_linear(x), gram_linear(y), debiased=True)``, NumPy float64) -- Grams recomputed per pair,
-  as in torch_cka-style code.
-* ``forward_only``: both models over the data without hooks -- the floor every method pays.
-* ``naive_feature``: the same loop with the feature-space form (``feature_space_linear_cka``), which is the
-  fast per-pair choice when the widths are below n (mean-pooled features).
+Per n it times, best of k with the repeats interleaved (a shared machine disturbs each call differently):
 
-Each run happens in a fresh subprocess; peak memory = ``ru_maxrss`` minus the RSS after models and data
-were built. The per-pair loops stop after ``--cap`` seconds and extrapolate (marked ``capped``).
+* ``ours auto``: ``cka_matrix_from_features(xs, ys, debiased=True)``, the method its cost model picks;
+  ``ours gram`` / ``ours feature``: the same with the path forced;
+* ``peer f64``: pytorch-cka's ``cka_from_features(xs, ys)`` (all pairs, debiased HSIC_1) on float64 copies
+  of the features -- the precision at which values can agree to 1e-6, the target of issue 14;
+* ``peer f32``: the same on the float32 features (its speed with model features as they come; it forms
+  uncentred Grams in float32, so its values miss the float64 ones by 1e-3..1e-2 on post-ReLU features).
 
-Usage: ``.venv/bin/python bench/cka.py [--n 2000 10000] [--pooling mean] [--cap 300]``.
+The peer holds every layer's n×n Gram at once (peak about ``(Lx + 2·Ly)·n²`` floats); it is only run when
+that fits in half the available memory, else its time is extrapolated from the largest n it ran at (its
+cost is proportional to n² at fixed widths) and marked ``~``. "max abs diff" compares ours (``auto``)
+with the peer in float64, ours clipped to [0, 1] as the peer clips. ``--model-check`` prints the cost
+model of ``auto`` next to the measured times of both paths on three width sets, around the predicted
+crossover. On a machine busy with other work, ``--threads 1 --clock cpu`` gives steadier ratios.
+
+Usage: ``.venv/bin/python bench/cka.py [--quick] [--n 256 512 ...] [--repeats 5] [--model-check]
+[--threads 1 --clock cpu]`` (pytorch-cka comes from ``requirements-bench.txt``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
-from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = Path(__file__).resolve().parent
+# pytorch-cka's package is named ``cka``, which this script's own folder would shadow
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))  # run as a script from anywhere
 
-R18_LAYERS = ["conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
-              "layer4.1", "fc:input"]  # fmt: skip
-R34_LAYERS = ["conv1", "layer1.0", "layer1.2", "layer2.1", "layer2.3", "layer3.1", "layer3.3", "layer3.5",
-              "layer4.1", "fc:input"]  # fmt: skip
-BATCH = 250
+from kd_core.analysis.cka import cka_matrix_from_features  # noqa: E402
+from kd_core.analysis.cka_linear import (  # noqa: E402
+    F32_MIN_N,
+    choose_method,
+    feature_path_cost,
+    gram_path_cost,
+)
 
+try:
+    from cka import cka_from_features as peer_cka  # pytorch-cka
+except ImportError:  # pragma: no cover - a clear message instead of a traceback
+    sys.exit("pytorch-cka is missing: .venv/bin/pip install -r requirements-bench.txt")
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# --- the straightforward per-pair implementation (google-research Demo.ipynb, NumPy) ---------------------
-
-
-def gram_linear(x: np.ndarray) -> np.ndarray:
-    return x.dot(x.T)
+# (channels, spatial side, pooling) per layer; widths 10, 32, ..., 512 mean-pooled, 1024 and 2048 flattened
+LAYERS = [(10, 1, "flatten"), (32, 4, "mean"), (64, 4, "mean"), (128, 4, "mean"), (256, 4, "mean"),
+          (512, 4, "mean"), (64, 4, "flatten"), (128, 4, "flatten")]  # fmt: skip
+LATENT = 64
+FULL_N = [256, 512, 1000, 2000, 5000, 10000]
+QUICK_N = [256, 512, 1000]
 
 
-def center_gram(gram: np.ndarray, unbiased: bool = False) -> np.ndarray:
-    gram = gram.copy()
-    if unbiased:
-        n = gram.shape[0]
-        np.fill_diagonal(gram, 0)
-        means = np.sum(gram, 0, dtype=np.float64) / (n - 2)
-        means -= np.sum(means) / (2 * (n - 1))
-        gram -= means[:, None]
-        gram -= means[None, :]
-        np.fill_diagonal(gram, 0)
-    else:
-        means = np.mean(gram, 0, dtype=np.float64)
-        means -= np.mean(means) / 2
-        gram -= means[:, None]
-        gram -= means[None, :]
-    return gram
-
-
-def cka(gram_x: np.ndarray, gram_y: np.ndarray, debiased: bool = False) -> float:
-    gram_x = center_gram(gram_x, unbiased=debiased)
-    gram_y = center_gram(gram_y, unbiased=debiased)
-    scaled_hsic = gram_x.ravel().dot(gram_y.ravel())
-    return float(scaled_hsic / (np.linalg.norm(gram_x) * np.linalg.norm(gram_y)))
-
-
-def feature_space_linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = False) -> float:
-    x = x - np.mean(x, 0, keepdims=True)
-    y = y - np.mean(y, 0, keepdims=True)
-    dot = np.linalg.norm(x.T.dot(y)) ** 2
-    nx = np.linalg.norm(x.T.dot(x))
-    ny = np.linalg.norm(y.T.dot(y))
-    if debiased:
-        n = x.shape[0]
-        rx, ry = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", y, y)
-        sx, sy = rx.sum(), ry.sum()
-
-        def h(xty: float, a: np.ndarray, b: np.ndarray, s1: float, s2: float) -> float:
-            return xty - n / (n - 2.0) * a.dot(b) + s1 * s2 / ((n - 1) * (n - 2))
-
-        dot = h(dot, rx, ry, sx, sy)
-        nx = np.sqrt(h(nx**2, rx, rx, sx, sx))
-        ny = np.sqrt(h(ny**2, ry, ry, sy, sy))
-    return float(dot / (nx * ny))
-
-
-# --- one measured run ---------------------------------------------------------------------------------
-
-
-def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
-    from torchvision.models import resnet18, resnet34
-
-    torch.manual_seed(0)
-    return resnet18(num_classes=10).eval(), resnet34(num_classes=10).eval()
-
-
-def run_one(mode: str, n: int, pooling: str, cap: float) -> dict[str, object]:
-    from kd_core.analysis import cka_matrix, extract_features
-
-    t_model, s_model = _models()
-    data = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    base = _rss_mb()
-    out: dict[str, object] = {"mode": mode, "n": n, "pooling": pooling, "threads": torch.get_num_threads()}
-    t0 = time.perf_counter()
-    if mode == "forward_only":  # the floor every method pays: both models over the data, no hooks
-        with torch.no_grad():
-            for start in range(0, n, BATCH):
-                t_model(data[start : start + BATCH])
-                s_model(data[start : start + BATCH])
-    elif mode == "ours":
-        res = cka_matrix(t_model, s_model, data, R18_LAYERS, R34_LAYERS, batch_size=BATCH, pooling=pooling)
-        out["matrix"] = res.matrix.tolist()
-        out["n_used"] = res.n
-    else:
-        ft = extract_features(t_model, data, R18_LAYERS, batch_size=BATCH, pooling=pooling)  # type: ignore[arg-type]
-        fs = extract_features(s_model, data, R34_LAYERS, batch_size=BATCH, pooling=pooling)  # type: ignore[arg-type]
-        t_feat = time.perf_counter() - t0
-        out["feature_s"] = t_feat
-        xs = [ft[k].double().numpy() for k in R18_LAYERS]
-        ys = [fs[k].double().numpy() for k in R34_LAYERS]
-        pairs = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
-        mat = np.full((len(xs), len(ys)), np.nan)
-        t1 = time.perf_counter()
-        done = 0
-        for i, j in pairs:  # the double loop over layer pairs
-            if mode == "naive_gram":
-                mat[i, j] = cka(gram_linear(xs[i]), gram_linear(ys[j]), debiased=True)
-            else:
-                mat[i, j] = feature_space_linear_cka(xs[i], ys[j], debiased=True)
-            done += 1
-            if time.perf_counter() - t1 > cap:
-                break
-        loop = time.perf_counter() - t1
-        out["pairs_done"] = done
-        out["pairs_total"] = len(pairs)
-        out["capped"] = done < len(pairs)
-        out["loop_s"] = loop
-        if done < len(pairs):
-            loop = loop / done * len(pairs)  # extrapolated
-        out["matrix"] = mat.tolist()
-        out["n_used"] = n
-        out["total_s_est"] = t_feat + loop
-    out["total_s"] = time.perf_counter() - t0
-    out.setdefault("total_s_est", out["total_s"])
-    out["peak_mb_over_base"] = _peak_mb() - base
+def features(
+    n: int, latent: torch.Tensor, seed: int, layers: Sequence[tuple[int, int, str]] = LAYERS
+) -> list[torch.Tensor]:
+    """One side's pooled layer features [n, width] (float32) computed from a latent code [n, LATENT]."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for channels, side, pooling in layers:
+        w = torch.randn(LATENT, channels * side * side, generator=g) / LATENT**0.5
+        maps = (latent @ w + 0.5 * torch.randn(n, channels * side * side, generator=g)).relu_()
+        maps = maps.view(n, channels, side, side)
+        out.append(maps.mean(dim=(2, 3)) if pooling == "mean" else maps.flatten(1))
     return out
+
+
+def teacher_student(
+    n: int, layers: Sequence[tuple[int, int, str]] = LAYERS
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(n, LATENT, generator=g)
+    shared = torch.cat([z[:, : LATENT // 2], torch.randn(n, LATENT // 2, generator=g)], dim=1)
+    return features(n, z, 1, layers), features(n, shared, 2, layers)
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peer_peak_bytes(n: int, lx: int, ly: int, itemsize: int) -> int:
+    """pytorch-cka 1.1.3: Gram list + stacked copy of one side while the other side's stack is held."""
+    return (lx + 2 * ly) * n * n * itemsize
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_of(
+    fns: dict[str, Callable[[], object]], k: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, tuple[float, object]]:
+    """Best time of each function over k interleaved rounds after one untimed warm-up round (thread
+    pools, allocator), with its last result."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, object] = {name: fn() for name, fn in fns.items()}
+    for _ in range(k):
+        for name, fn in fns.items():
+            t0 = clock()
+            results[name] = fn()
+            times[name].append(clock() - t0)
+    return {name: (min(ts), results[name]) for name, ts in times.items()}
+
+
+def _as_np(m: object) -> np.ndarray:
+    return m.double().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
+
+
+def _fmt(seconds: float | None, estimated: bool = False) -> str:
+    if seconds is None:
+        return "-"
+    return ("~" if estimated else "") + (f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s")
+
+
+def main_table(ns: Sequence[int], repeats: int | None, paths: Sequence[str], clock: str) -> None:
+    widths = [c * s * s if p == "flatten" else c for c, s, p in LAYERS]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} time, load average "
+          f"{os.getloadavg()[0]:.1f}; layers {widths} on each side (8×8 pairs), float32 features; best of k "
+          "interleaved\n")  # fmt: skip
+    print("| n | auto picks | ours auto | ours gram | ours feature | peer f64 | peer f32 | f64 peer / ours | "
+          "f32 peer / ours | max abs diff (vs peer f64) | peer f32 error |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    last_peer: tuple[int, float] | None = None
+    for n in ns:
+        xs, ys = teacher_student(n)
+        k = repeats or (5 if n <= 2000 else 3)
+        fns: dict[str, Callable[[], object]] = {
+            p: (lambda p=p: cka_matrix_from_features(xs, ys, debiased=True, method=p)) for p in paths
+        }
+        avail = mem_available()
+        run64 = peer_peak_bytes(n, len(xs), len(ys), 8) < avail / 2
+        if run64:
+            x64, y64 = [x.double() for x in xs], [y.double() for y in ys]
+            fns["peer64"] = lambda: peer_cka(x64, y64)
+        if peer_peak_bytes(n, len(xs), len(ys), 4) < avail / 2:
+            fns["peer32"] = lambda: peer_cka(xs, ys)
+        res = best_of(fns, k, CLOCKS[clock])
+        t = {name: v[0] for name, v in res.items()}
+        est = False
+        if run64:
+            last_peer = (n, t["peer64"])
+            peer = _as_np(res["peer64"][1])
+            diff = f"{np.abs(np.clip(_as_np(res['auto'][1]), 0, 1) - peer).max():.1e}" if "auto" in res else "-"
+            err32 = f"{np.abs(_as_np(res['peer32'][1]) - peer).max():.1e}" if "peer32" in res else "-"
+            clamped = int(((_as_np(res["auto"][1]) < 0) | (_as_np(res["auto"][1]) > 1)).sum()) if "auto" in res else 0
+            if clamped:
+                diff += f" ({clamped} clamped)"
+        else:
+            diff = err32 = "-"
+            if last_peer is not None:  # cost ∝ n² at fixed widths (Grams, their products and sums)
+                t["peer64"] = last_peer[1] * (n / last_peer[0]) ** 2
+                est = True
+        picks = choose_method(n, [x.shape[1] for x in xs], [y.shape[1] for y in ys])
+        ours = t.get("auto")
+        ratio64 = f"{t['peer64'] / ours:.1f}×" if ours and "peer64" in t else "-"
+        ratio32 = f"{t['peer32'] / ours:.1f}×" if ours and "peer32" in t else "-"
+        print(f"| {n} | {picks} | {_fmt(ours)} | {_fmt(t.get('gram'))} | {_fmt(t.get('feature'))} | "
+              f"{_fmt(t.get('peer64'), est)} | {_fmt(t.get('peer32'))} | {ratio64} | {ratio32} | {diff} | {err32} |",
+              flush=True)  # fmt: skip
+
+
+# width sets for the cost-model check: both sides get the same widths
+MODEL_SETS = {
+    "10..2048": [10, 32, 64, 128, 256, 512, 1024, 2048],
+    "10..512": [10, 16, 32, 64, 128, 256, 384, 512],
+    "10..128": [10, 16, 24, 32, 48, 64, 96, 128],
+}
+
+
+def crossover(widths: Sequence[int]) -> int:
+    """Smallest n at which the cost model switches from the gram to the feature path (bisection)."""
+    lo, hi = F32_MIN_N, 1 << 20
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if choose_method(mid, widths, widths) == "gram" else (lo, mid)
+    return hi
+
+
+def model_check(repeats: int | None, max_seconds: float, clock: str) -> None:
+    """Modelled gram/feature cost ratio next to the measured time ratio, around each predicted crossover."""
+    print("\nCost model of method='auto' (float64-GEMM flops; float32 flops count half) vs measured time:\n")
+    print("| widths (8 per side) | predicted crossover n | n | model gram/feature | measured gram/feature | "
+          "gram s per Gflop | feature s per Gflop | auto picks the faster |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, widths in MODEL_SETS.items():
+        cross = crossover(widths)
+        for n in sorted({max(256, cross // 2), cross, 2 * cross}):
+            cost_g, cost_f = gram_path_cost(n, widths, widths), feature_path_cost(n, widths, widths)
+            if min(cost_g, cost_f) / 1e9 * 0.02 > max_seconds:  # ~50 Gflop/s: skip runs longer than the cap
+                continue
+            xs, ys = teacher_student(n, [(w, 1, "flatten") for w in widths])
+            fns = {p: (lambda p=p: cka_matrix_from_features(xs, ys, method=p)) for p in ("gram", "feature")}
+            t = {p: v[0] for p, v in best_of(fns, repeats or 3, CLOCKS[clock]).items()}
+            faster = "gram" if t["gram"] < t["feature"] else "feature"
+            auto = "gram" if cost_g < cost_f else "feature"
+            print(f"| {name} | {cross} | {n} | {cost_g / cost_f:.2f} | {t['gram'] / t['feature']:.2f} | "
+                  f"{t['gram'] / cost_g * 1e9:.4f} | {t['feature'] / cost_f * 1e9:.4f} | "
+                  f"{'yes' if auto == faster else 'no'} ({auto}) |", flush=True)  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[2000, 10000])
-    ap.add_argument("--pooling", default="mean", choices=["mean", "flatten"])
-    ap.add_argument("--modes", nargs="+", default=["forward_only", "ours", "naive_feature", "naive_gram"])
-    ap.add_argument("--cap", type=float, default=300.0, help="seconds per per-pair loop before extrapolating")
-    ap.add_argument("--one", nargs=3, metavar=("MODE", "N", "POOLING"), help=argparse.SUPPRESS)
-    ap.add_argument("--json", help="write all results to this file")
+    ap.add_argument("--n", type=int, nargs="+", help=f"sample counts (default {FULL_N})")
+    ap.add_argument("--quick", action="store_true", help=f"only n in {QUICK_N}")
+    ap.add_argument("--repeats", type=int, help="best of k (default 5 up to n=2000, then 3)")
+    ap.add_argument("--paths", nargs="+", default=["auto", "gram", "feature"], choices=["auto", "gram", "feature"])
+    ap.add_argument("--model-check", action="store_true", help="also check the cost model around its crossovers")
+    ap.add_argument("--max-seconds", type=float, default=10.0, help="skip model-check runs predicted longer")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="cpu: process CPU time, steadier than wall time on a machine busy with other work "
+                         "(with --threads 1; several threads add their spin-waits)")  # fmt: skip
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.one[2], args.cap)))
-        return
-
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
-    print(f"ResNet-18 ({len(R18_LAYERS)} layers) vs ResNet-34 ({len(R34_LAYERS)} layers), 32x32, "
-          f"pooling={args.pooling}, batch {BATCH}")  # fmt: skip
-    results = []
-    for n in args.n:
-        runs: dict[str, dict[str, object]] = OrderedDict()
-        for mode in args.modes:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--one", mode, str(n), args.pooling, "--cap", str(args.cap)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if proc.returncode != 0:
-                print(f"  {mode} n={n} failed:\n{proc.stderr[-2000:]}")
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[mode] = r
-            extra = ""
-            if "feature_s" in r:
-                extra = f" (features {r['feature_s']:.1f}s, pair loop {r['loop_s']:.1f}s, " \
-                        f"{r['pairs_done']}/{r['pairs_total']} pairs{', CAPPED -> extrapolated' if r['capped'] else ''})"  # fmt: skip
-            print(f"n={n:6d} {mode:14s} time {r['total_s_est']:8.1f}s  peak +{r['peak_mb_over_base']:7.0f} MB{extra}")
-        if "ours" in runs and "forward_only" in runs:
-            fwd = float(runs["forward_only"]["total_s"])
-            over = {m: float(r["total_s_est"]) - fwd for m, r in runs.items() if m != "forward_only"}
-            print("         time above the bare forward passes: "
-                  + ", ".join(f"{m} {v:.1f}s" for m, v in over.items()))  # fmt: skip
-        if "ours" in runs:
-            ours = runs["ours"]
-            mo = np.array(ours["matrix"])
-            for mode, r in runs.items():
-                if mode in ("ours", "forward_only"):
-                    continue
-                mm = np.array(r["matrix"])
-                diff = np.nanmax(np.abs(mm - mo))
-                print(f"         speed-up ours vs {mode}: {float(r['total_s_est']) / float(ours['total_s']):.1f}x; "
-                      f"memory ratio {float(r['peak_mb_over_base']) / max(1.0, float(ours['peak_mb_over_base'])):.1f}x; "
-                      f"max |CKA diff| (minibatch vs full-data debiased) {diff:.4f}")  # fmt: skip
-        results.append(runs)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    main_table(args.n or (QUICK_N if args.quick else FULL_N), args.repeats, args.paths, args.clock)
+    if args.model_check:
+        model_check(args.repeats, args.max_seconds, args.clock)
 
 
 if __name__ == "__main__":

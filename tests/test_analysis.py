@@ -31,6 +31,7 @@ from kd_core.analysis import (
     rbf_cka,
     self_similarity,
 )
+from kd_core.analysis import cka_linear
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -111,6 +112,108 @@ def test_matrix_from_features_equals_pairs() -> None:
             m = cka_matrix_from_features(xs, ys, debiased=debiased, method=method)
             assert m.shape == (3, 2) and m.dtype == np.float64
             np.testing.assert_allclose(m, pairs, atol=1e-10)
+
+
+def _reference_cka_matrix(xs: list[np.ndarray], ys: list[np.ndarray], debiased: bool) -> np.ndarray:
+    """All-pairs linear CKA in the Gram form, written plainly in NumPy float64 (independent of kd_core).
+
+    Biased: HSIC_0 ∝ <HKH, HLH> (Kornblith et al. 2019, arXiv 1905.00414). Debiased: HSIC_1 of Song et
+    al. 2012 as written in Nguyen et al. 2021 (arXiv 2010.15327, Eq. 3), with K̃ the Gram with a zeroed
+    diagonal: tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n-1)(n-2)) - 2/(n-2)·1ᵀK̃L̃1. The 1/(n(n-3)) factor cancels.
+    """
+    n = xs[0].shape[0]
+
+    def gram(f: np.ndarray) -> np.ndarray:
+        f = np.asarray(f, dtype=np.float64).reshape(n, -1)
+        k = f @ f.T
+        if debiased:
+            return k - np.diag(np.diag(k))
+        return k - k.mean(0)[None, :] - k.mean(1)[:, None] + k.mean()
+
+    def hsic(k: np.ndarray, l: np.ndarray) -> float:
+        if not debiased:
+            return float(np.sum(k * l))
+        ks, ls = k.sum(1), l.sum(1)
+        return float(np.sum(k * l) + ks.sum() * ls.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (ks @ ls))
+
+    gx, gy = [gram(x) for x in xs], [gram(y) for y in ys]
+    return np.array([[hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l)) for l in gy] for k in gx])
+
+
+def _pooled_features(n: int, widths: tuple[int, ...], latent: np.ndarray, seed: int) -> list[torch.Tensor]:
+    """float32 post-ReLU features of the given widths over a latent code, the odd layers mean-pooled from
+    2×2 maps and the even ones the first w columns of the flattened maps (as ``extract_features`` pools)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, w in enumerate(widths):
+        maps = np.maximum(latent @ rng.standard_normal((latent.shape[1], 4 * w)) + rng.standard_normal((n, 4 * w)), 0)
+        t = torch.from_numpy(maps.astype(np.float32)).view(n, w, 2, 2)
+        out.append(t.mean(dim=(2, 3)) if i % 2 else t.flatten(1)[:, :w])
+    return out
+
+
+def _teacher_student(n: int, wx: tuple[int, ...], wy: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rng = np.random.default_rng(n)
+    z = rng.standard_normal((n, 16))
+    shared = np.hstack([z[:, :8], rng.standard_normal((n, 8))])
+    return _pooled_features(n, wx, z, 1), _pooled_features(n, wy, shared, 2)
+
+
+# widths 10..2048 on the two sides; n = 60 runs the gram path in float64, n = 300 in float32
+@pytest.mark.parametrize("n", [60, 300])
+def test_all_pairs_paths_match_reference(n: int) -> None:
+    xs, ys = _teacher_student(n, (10, 128, 2048, 512), (32, 64, 1024, 256))
+    gram_tol = 1e-6 if n >= cka_linear.F32_MIN_N else 1e-10  # float32 Grams: the promised 1e-6
+    for debiased in (False, True):
+        ref = _reference_cka_matrix([x.numpy() for x in xs], [y.numpy() for y in ys], debiased)
+        assert 0.05 < ref.min() and ref.max() < 0.95  # a spread of values, none clamped by construction
+        feature = cka_matrix_from_features(xs, ys, debiased=debiased, method="feature")
+        np.testing.assert_allclose(feature, ref, rtol=0, atol=1e-10)
+        for x_in in (xs, [x.double() for x in xs]):  # float32 as extract_features returns, and float64
+            gram = cka_matrix_from_features(x_in, ys, debiased=debiased, method="gram")
+            np.testing.assert_allclose(gram, ref, rtol=0, atol=gram_tol)
+
+
+def _crossover(wx: tuple[int, ...], wy: tuple[int, ...], hi: int = 1 << 16) -> int:
+    """Smallest n from ``F32_MIN_N`` on at which ``choose_method`` picks the feature path (bisection)."""
+    lo = cka_linear.F32_MIN_N
+    assert cka_linear.choose_method(lo, wx, wy) == "gram" and cka_linear.choose_method(hi, wx, wy) == "feature"
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cka_linear.choose_method(mid, wx, wy) == "gram" else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize(
+    "wx, wy", [((10, 64, 256), (32, 128)), ((10, 32, 64, 128, 256, 512, 1024, 2048),) * 2]
+)
+def test_cost_model_flips_once(wx: tuple[int, ...], wy: tuple[int, ...]) -> None:
+    """Gram path below one n, feature path above it: the n² term of the gram path eventually dominates."""
+    cross = _crossover(wx, wy)
+    grid = sorted({cka_linear.F32_MIN_N, cross - 1, cross, *range(cka_linear.F32_MIN_N, 1 << 16, 997)})
+    picks = [cka_linear.choose_method(n, wx, wy) for n in grid]
+    assert picks == ["gram" if n < cross else "feature" for n in grid]
+
+
+@pytest.mark.parametrize("side", [-1, 0])
+def test_auto_runs_the_chosen_path_at_the_crossover(side: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    wx, wy = (10, 64, 256), (32, 128)
+    n = _crossover(wx, wy) + side  # the last n of the gram path, then the first of the feature path
+    xs, ys = _teacher_student(n, wx, wy)
+    calls: list[int] = []
+    gram_path = cka_linear._gram_path
+    monkeypatch.setattr(cka_linear, "_gram_path", lambda feats: calls.append(1) or gram_path(feats))
+    got = cka_matrix_from_features(xs, ys, debiased=True)
+    assert len(calls) == (1 if side < 0 else 0)
+    ref = _reference_cka_matrix([x.numpy() for x in xs], [y.numpy() for y in ys], debiased=True)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 if calls else 1e-10)
+
+
+def test_debiased_needs_four_examples() -> None:
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    with pytest.raises(ValueError, match="at least 4"):
+        cka_matrix_from_features([x], [x], debiased=True)
+    assert linear_cka(x, x) == pytest.approx(1.0)  # the biased estimator is defined
 
 
 class _Select(nn.Module):

@@ -1,16 +1,16 @@
-"""Centered kernel alignment (CKA) between layers of a teacher and a student.
+"""Centered kernel alignment (CKA) between layers of a teacher and a student: hooks and the minibatch runner.
 
-Estimators (Kornblith et al., ICML 2019; Nguyen, Raghu, Kornblith, ICLR 2021):
+Estimators (Kornblith et al. 2019, arXiv 1905.00414; Nguyen, Raghu, Kornblith 2021, arXiv 2010.15327):
 
 * biased linear / RBF CKA on the full data (``linear_cka``, ``rbf_cka``), matching the google-research
-  ``representation_similarity`` demo to float64 precision;
-* debiased CKA (Song et al. 2012 unbiased HSIC, computed by U-centering the Gram matrices);
-* all-pairs CKA matrix from stored features in one matrix product (``cka_matrix_from_features``);
-* streaming minibatch CKA between two models (``cka_matrix``, ``self_similarity``): the unbiased
-  HSIC_1 is accumulated per equal-size batch for every layer pair at once, averaged over batches and the
-  ratio is taken at the end (average the HSICs, then divide -- not the mean of per-batch CKAs).
+  ``representation_similarity`` demo; debiased CKA (Song et al. 2012 unbiased HSIC) -- in ``cka_math``
+  (kernels, centering) and ``cka_linear`` (linear CKA from features, the all-pairs matrix
+  ``cka_matrix_from_features`` and its cost model), re-exported here;
+* streaming minibatch CKA between two models (``cka_matrix``, ``self_similarity``), in this module: the
+  unbiased HSIC_1 is accumulated per equal-size batch for every layer pair at once, averaged over batches
+  and the ratio is taken at the end (average the HSICs, then divide -- not the mean of per-batch CKAs).
 
-Everything numeric is float64. Models are run in ``eval()`` under ``torch.no_grad()`` and their
+The minibatch estimator is float64. Models are run in ``eval()`` under ``torch.no_grad()`` and their
 per-module training flags are restored afterwards.
 
 Layer names are module paths as given by ``model.named_modules()`` (``"layer3"``, ``"layer3.1.conv2"``).
@@ -25,13 +25,23 @@ import warnings
 from contextlib import ExitStack
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
+from kd_core.analysis.cka_linear import cka_matrix_from_features, linear_cka
+from kd_core.analysis.cka_math import (
+    ArrayLike,
+    center_gram,
+    cka_from_grams,
+    gram_linear,
+    gram_rbf,
+    rbf_cka,
+    stacked_centered_grams,
+)
+
 Pooling = Literal["flatten", "mean"]
 
 INPUT_SUFFIX = ":input"
@@ -54,231 +64,6 @@ __all__ = [
     "rbf_cka",
     "self_similarity",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Basic kernels and centering
-# ----------------------------------------------------------------------------------------------------
-
-
-def _as_f64(x: ArrayLike, device: torch.device | str | None = None) -> torch.Tensor:
-    """Return ``x`` as a 2-D float64 tensor ``[n, p]`` (higher-rank inputs are flattened per row)."""
-    t = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(np.asarray(t))
-    t = t.detach()
-    if device is not None:
-        t = t.to(device)
-    t = t.to(torch.float64)
-    if t.ndim == 1:
-        t = t[:, None]
-    elif t.ndim > 2:
-        t = t.flatten(1)
-    return t
-
-
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"X and Y must hold the same examples (rows): {x.shape[0]} != {y.shape[0]}")
-
-
-def gram_linear(x: ArrayLike) -> torch.Tensor:
-    """Linear-kernel Gram matrix ``X Xᵀ`` (float64) of an ``[n, p]`` matrix."""
-    t = _as_f64(x)
-    return t @ t.T
-
-
-def _median(values: torch.Tensor) -> torch.Tensor:
-    """NumPy-compatible median of all entries (mean of the two middle values for even counts).
-
-    ``torch.median`` returns the lower middle value and ``torch.quantile`` refuses inputs above 2^24
-    elements, so the median is taken with ``kthvalue`` (works for the n² entries of a large Gram).
-    """
-    flat = values.reshape(-1)
-    m = flat.numel()
-    if m % 2 == 1:
-        return flat.kthvalue(m // 2 + 1).values
-    lo = flat.kthvalue(m // 2).values
-    hi = flat.kthvalue(m // 2 + 1).values
-    return (lo + hi) / 2
-
-
-def gram_rbf(x: ArrayLike, threshold: float = 0.5) -> torch.Tensor:
-    """RBF Gram matrix with the median heuristic of the google-research demo (``gram_rbf``).
-
-    ``K_ij = exp(-D²_ij / (2 · threshold² · median(D²)))`` where the median runs over the full ``n×n``
-    matrix of squared distances, zero diagonal included (NumPy median semantics).
-    """
-    t = _as_f64(x)
-    dot = t @ t.T
-    sq = torch.diagonal(dot)
-    d2 = (-2 * dot + sq[:, None] + sq[None, :]).clamp_min_(0)
-    med = _median(d2)
-    if med <= 0:
-        raise ValueError("median squared distance is 0 (more than half the examples coincide)")
-    return torch.exp(-d2 / (2 * threshold**2 * med))
-
-
-def center_gram(gram: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
-    """Center Gram matrices ``[..., n, n]`` (returns a new tensor).
-
-    ``unbiased=False``: ``H K H`` with ``H = I - 11ᵀ/n`` (computed from means, O(n²)).
-    ``unbiased=True``: U-centering (Székely & Rizzo; google ``center_gram(unbiased=True)``), for which
-    ``<Ũ_K, Ũ_L>_F = n(n-3) · HSIC_1(K, L)`` (unbiased HSIC of Song et al. 2012). Needs ``n >= 4``.
-    """
-    g = gram.to(torch.float64).clone()
-    n = g.shape[-1]
-    if unbiased:
-        if n < 4:
-            raise ValueError(f"unbiased (debiased) HSIC needs at least 4 examples, got {n}")
-        g.diagonal(dim1=-2, dim2=-1).zero_()
-        means = g.sum(dim=-2) / (n - 2)
-        means = means - means.sum(dim=-1, keepdim=True) / (2 * (n - 1))
-        g -= means[..., :, None]
-        g -= means[..., None, :]
-        g.diagonal(dim1=-2, dim2=-1).zero_()
-    else:
-        means = g.mean(dim=-2)
-        means = means - means.mean(dim=-1, keepdim=True) / 2
-        g -= means[..., :, None]
-        g -= means[..., None, :]
-    return g
-
-
-def cka_from_grams(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> float:
-    """CKA of two ``n×n`` Gram matrices (biased HSIC_0 or debiased HSIC_1 form)."""
-    gx = center_gram(gram_x, unbiased=debiased)
-    gy = center_gram(gram_y, unbiased=debiased)
-    num = (gx * gy).sum()
-    den = torch.linalg.vector_norm(gx) * torch.linalg.vector_norm(gy)
-    return float(num / den)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Full-data CKA between two matrices, and the all-pairs matrix from stored features
-# ----------------------------------------------------------------------------------------------------
-
-
-def _debiased_helper(
-    xty: torch.Tensor,
-    r_dot: torch.Tensor,
-    sq_x: torch.Tensor,
-    sq_y: torch.Tensor,
-    n: int,
-) -> torch.Tensor:
-    """google ``_debiased_dot_product_similarity_helper`` (vectorized over layer pairs)."""
-    return xty - n / (n - 2.0) * r_dot + sq_x * sq_y / ((n - 1) * (n - 2))
-
-
-def _feature_space_matrix(
-    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], debiased: bool
-) -> torch.Tensor:
-    """All-pairs linear CKA in feature space: one GEMM of the concatenated centered features.
-
-    ``‖Y_jᵀ X_i‖_F²`` for all (i, j) are block sums of the squared ``[ΣP_x, ΣP_y]`` cross product.
-    Cost O(n · ΣP_x · ΣP_y) time, O(ΣP_x · ΣP_y) memory -- the route for pooled vectors and large n.
-    """
-    n = xs[0].shape[0]
-    xc = [x - x.mean(0, keepdim=True) for x in xs]
-    yc = [y - y.mean(0, keepdim=True) for y in ys]
-    xcat = torch.cat(xc, dim=1)
-    ycat = torch.cat(yc, dim=1)
-    seg_x = torch.repeat_interleave(
-        torch.arange(len(xs), device=xcat.device), torch.tensor([x.shape[1] for x in xs], device=xcat.device)
-    )
-    seg_y = torch.repeat_interleave(
-        torch.arange(len(ys), device=ycat.device), torch.tensor([y.shape[1] for y in ys], device=ycat.device)
-    )
-    cross = (xcat.T @ ycat).square_()  # [ΣPx, ΣPy]
-    rows = torch.zeros(len(xs), cross.shape[1], dtype=torch.float64, device=cross.device)
-    rows.index_add_(0, seg_x, cross)
-    xy = torch.zeros(len(xs), len(ys), dtype=torch.float64, device=cross.device)
-    xy.index_add_(1, seg_y, rows)  # [Lx, Ly] = ‖YᵀX‖_F²
-    xx = torch.stack([torch.linalg.matrix_norm(x.T @ x) ** 2 for x in xc])  # ‖XᵀX‖_F²
-    yy = torch.stack([torch.linalg.matrix_norm(y.T @ y) ** 2 for y in yc])
-    if debiased:
-        rx = torch.stack([(x * x).sum(1) for x in xc], dim=1)  # [n, Lx] squared row norms
-        ry = torch.stack([(y * y).sum(1) for y in yc], dim=1)
-        sx, sy = rx.sum(0), ry.sum(0)  # ‖X‖_F²
-        xy = _debiased_helper(xy, rx.T @ ry, sx[:, None], sy[None, :], n)
-        xx = _debiased_helper(xx, (rx * rx).sum(0), sx, sx, n)
-        yy = _debiased_helper(yy, (ry * ry).sum(0), sy, sy, n)
-    return xy / torch.sqrt(xx[:, None] * yy[None, :])
-
-
-def _stacked_centered_grams(feats: Sequence[torch.Tensor], debiased: bool) -> torch.Tensor:
-    """Centered linear Grams of each layer, flattened to rows ``[L, n²]``."""
-    n = feats[0].shape[0]
-    out = torch.empty(len(feats), n * n, dtype=torch.float64, device=feats[0].device)
-    for i, f in enumerate(feats):  # one layer at a time: peak memory ~ 2 Grams besides the output
-        out[i] = center_gram(f @ f.T, unbiased=debiased).reshape(-1)
-    return out
-
-
-def _gram_space_matrix(
-    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], debiased: bool
-) -> torch.Tensor:
-    gx = _stacked_centered_grams(xs, debiased)
-    gy = _stacked_centered_grams(ys, debiased)
-    num = gx @ gy.T
-    return num / (torch.linalg.vector_norm(gx, dim=1)[:, None] * torch.linalg.vector_norm(gy, dim=1)[None, :])
-
-
-def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
-    """Linear CKA of two representations ``[n, p1]``, ``[n, p2]`` of the same n examples.
-
-    Biased (Kornblith 2019) or debiased (unbiased HSIC_1). Uses the feature-space form when both widths
-    are below n, else the Gram form; the two agree to ~1e-12. Inputs with more than 2 dims are flattened.
-    """
-    xt, yt = _as_f64(x), _as_f64(y)
-    _check_pair(xt, yt)
-    n = xt.shape[0]
-    if max(xt.shape[1], yt.shape[1]) < n:
-        return float(_feature_space_matrix([xt], [yt], debiased)[0, 0])
-    return float(_gram_space_matrix([xt], [yt], debiased)[0, 0])
-
-
-def rbf_cka(x: ArrayLike, y: ArrayLike, threshold: float = 0.5, debiased: bool = False) -> float:
-    """RBF-kernel CKA with the median bandwidth heuristic (``σ² = threshold² · median(D²)``).
-
-    ``threshold=0.5`` is the value used in Kornblith et al. 2019 and the demo notebook.
-    """
-    xt, yt = _as_f64(x), _as_f64(y)
-    _check_pair(xt, yt)
-    return cka_from_grams(gram_rbf(xt, threshold), gram_rbf(yt, threshold), debiased=debiased)
-
-
-def cka_matrix_from_features(
-    xs: Sequence[ArrayLike],
-    ys: Sequence[ArrayLike],
-    debiased: bool = True,
-    method: Literal["auto", "gram", "feature"] = "auto",
-) -> np.ndarray:
-    """Full-data linear CKA for every pair of layers: ``out[i, j] = CKA(xs[i], ys[j])``.
-
-    ``xs``/``ys`` are per-layer ``[n, d]`` matrices of the same n examples (4-D maps are flattened).
-    ``method="gram"``: every layer's Gram is centered once (U-centered if ``debiased``), flattened to a row
-    and the whole matrix is ``G_x @ G_yᵀ`` normalized by the row norms (memory ``(Lx+Ly)·n²`` floats).
-    ``method="feature"``: one GEMM of the concatenated centered features (memory ``ΣPx·ΣPy``).
-    ``"auto"`` picks the smaller of the two. Returns float64 ``[len(xs), len(ys)]``.
-    """
-    if not xs or not ys:
-        raise ValueError("xs and ys must each hold at least one layer")
-    xt = [_as_f64(x) for x in xs]
-    yt = [_as_f64(y, device=xt[0].device) for y in ys]
-    n = xt[0].shape[0]
-    for t in (*xt, *yt):
-        _check_pair(xt[0], t)
-    if method == "auto":
-        px, py = sum(t.shape[1] for t in xt), sum(t.shape[1] for t in yt)
-        method = "feature" if px * py + px * px < (len(xt) + len(yt)) * n * n else "gram"
-    if method == "feature":
-        out = _feature_space_matrix(xt, yt, debiased)
-    elif method == "gram":
-        out = _gram_space_matrix(xt, yt, debiased)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return out.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,7 +253,7 @@ class MinibatchCKA:
     def centered_grams(self, feats: Sequence[torch.Tensor], pooling: Pooling = "flatten") -> torch.Tensor:
         """Pool, cast to float64 and U-center the linear Gram of each layer: ``[L, b²]`` rows."""
         mats = [pool_features(f, pooling).to(device=self.device, dtype=torch.float64) for f in feats]
-        return _stacked_centered_grams(mats, debiased=True)
+        return stacked_centered_grams(mats, debiased=True)
 
     def _check_batch(self, b: int) -> None:
         if self.batch_size is None:

@@ -1,0 +1,207 @@
+"""Linear CKA from stored features: one pair (``linear_cka``) or every pair of layers at once
+(``cka_matrix_from_features``), biased (Kornblith et al. 2019, arXiv 1905.00414) or debiased (the unbiased
+HSIC_1 of Song et al. 2012, as in Nguyen et al. 2021, arXiv 2010.15327).
+
+For column-centred features X (n×p), Y (n×q) with Grams K = XXᵀ, L = YYᵀ, write
+``off = Σ_{a≠b} K_ab L_ab``, ``d_K`` for the diagonal of K and ``t_K = tr K``. Centred features have
+``K1 = 0``, so Song's estimator and the biased one reduce to (Kornblith et al.'s feature-space form)::
+
+    n(n-3)·HSIC_1(K, L) = off - 2/(n-2)·d_K·d_L + t_K·t_L / ((n-1)(n-2))
+    (n-1)²·HSIC_0(K, L) = off + d_K·d_L                       (= ‖XᵀY‖²_F)
+
+and CKA = HSIC(K, L) / sqrt(HSIC(K, K)·HSIC(L, L)), all sums in float64. ``off`` (and the diagonals)
+for all layer pairs come from one of two paths, picked by a cost model (``choose_method``):
+
+* feature: ``‖X_iᵀY_j‖²_F - d·d`` from float64 GEMMs, 2n·(P·Q + Σp² + Σq²) flops for summed widths P, Q.
+  Cheap when widths are small against n. Kept in float64: these entries are sums over n examples and
+  float32 left errors of ~1e-7 at n = 10⁴, too close to the 1e-6 we promise.
+* gram: each layer's Gram in float32, only row panels from the diagonal rightwards (K is symmetric), and
+  all pairwise inner products of the stored panels in one batched GEMM per panel, summed in float64 chunk
+  by chunk. About n²·(1 + b/n)·(P+Q) float32 flops for panels of b rows; memory bounded by the panel size
+  whatever n. A Gram entry sums p products of centred values, and the entries' independent rounding
+  errors average out in the n² terms of ``off`` (≤ 1.2e-7 from float64 in our checks, n = 128..10⁴); a
+  single float32 sum over a whole panel was not accurate enough (2e-6 at n = 2000), hence the chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from kd_core.analysis.cka_math import ArrayLike, as_matrix, check_pair
+
+Method = Literal["auto", "gram", "feature"]
+F64 = torch.float64
+
+# Cost model of the two paths, in float64 GEMM flops, fitted with single-core CPU times of both paths on
+# four width sets (10..16 up to 10..2048, n = 256..2000) on the 2-core machine of bench/cka.py, which
+# prints the model next to measured times (``--model-check``):
+# - a float32 flop costs half a float64 one (GEMM peak of AVX2 / AVX-512 cores and data-centre GPUs);
+F32_FLOP = 0.5
+# - per stored Gram entry of each layer the gram path also writes it, masks the diagonal tile, reads it back
+#   and multiplies it with the same entry of all L layers (2L flops in skinny batched GEMMs): GRAM_ENTRY + 2L
+#   float32 flops (fitted: 1.5 ns per entry and layer with L = 16, i.e. 150 float32 flops in all);
+GRAM_ENTRY = 120
+# - per feature entry, the centring passes and copies (fitted in float64; float32 on the gram path).
+PREP_ENTRY = 600
+PANEL_BYTES = 256 * 2**20  # float32 Gram panels of all layers at once
+MIN_PANEL_ROWS = 128  # thinner panels lose GEMM efficiency and pay more per-call overhead
+CHUNK = 4096  # products summed in float32 before the float64 accumulation (65536: 3x the error)
+# Below this many examples the gram path stays float64: float32 rounding of the Gram entries only averages
+# out over many entries (worst seen, float32, debiased: 4e-4 at n = 4, 2e-6 at n = 16, 1e-7 at n = 128),
+# and Grams that small cost microseconds anyway.
+F32_MIN_N = 128
+
+
+def panel_rows(n: int, layers: int) -> int:
+    """Rows per Gram panel: ~n/8 (panels recompute a strip below the diagonal, ~b/n extra), at least
+    ``MIN_PANEL_ROWS``, at most what fits ``PANEL_BYTES`` for all layers."""
+    fit = max(1, PANEL_BYTES // (4 * layers * n))
+    return min(n, fit, max(MIN_PANEL_ROWS, -(-n // 8)))
+
+
+def gram_entries(n: int, rows: int) -> int:
+    """Gram entries one layer's panels hold: each panel spans its rows and every column from its first row."""
+    return sum(min(rows, n - s) * (n - s) for s in range(0, n, rows))
+
+
+def gram_path_cost(n: int, widths_x: Sequence[int], widths_y: Sequence[int]) -> float:
+    layers, width = len(widths_x) + len(widths_y), sum(widths_x) + sum(widths_y)
+    entries = gram_entries(n, panel_rows(n, layers))
+    work = entries * (2 * width + layers * (GRAM_ENTRY + 2 * layers)) + n * width * PREP_ENTRY
+    return work * (F32_FLOP if n >= F32_MIN_N else 1.0)
+
+
+def feature_path_cost(n: int, widths_x: Sequence[int], widths_y: Sequence[int]) -> float:
+    cross = sum(widths_x) * sum(widths_y)
+    own = sum(p * p for p in widths_x) + sum(q * q for q in widths_y)
+    return 2.0 * n * (cross + own) + n * (sum(widths_x) + sum(widths_y)) * PREP_ENTRY
+
+
+def choose_method(n: int, widths_x: Sequence[int], widths_y: Sequence[int]) -> Literal["gram", "feature"]:
+    """The cheaper path by the cost model (``"feature"`` on ties: it is exact float64)."""
+    gram = gram_path_cost(n, widths_x, widths_y)
+    return "gram" if gram < feature_path_cost(n, widths_x, widths_y) else "feature"
+
+
+def _center(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Column-centred copy of ``x`` in ``dtype``.
+
+    The first mean is taken in the finer of the input's and the target precision (a float64 input with a
+    large offset must not be rounded before centring); the second pass removes the rounding of the first
+    mean, since the formulas above rely on columns that sum to zero (``K1 = 0``).
+    """
+    xc = x.to(torch.promote_types(x.dtype, dtype))
+    xc = (xc - xc.mean(0)).to(dtype)
+    xc -= xc.mean(0)
+    return xc
+
+
+def _gram_path(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the given centred layers (one dtype): ``Σ_{a≠b} K_ab L_ab`` for every pair ``[L, L]`` and each
+    Gram's diagonal ``[L, n]``, both float64.
+
+    A panel holds, per layer, ``K[s:s+r, s:]`` flattened (the same layout for all layers); in its leading
+    ``r×r`` tile only the part above the diagonal is kept, so every ``a < b`` is counted once.
+    """
+    n, layers = feats[0].shape[0], len(feats)
+    rows = panel_rows(n, layers)
+    chunks_max = -(-rows * n // CHUNK)
+    buf = torch.empty(layers, chunks_max * CHUNK, dtype=feats[0].dtype, device=feats[0].device)
+    total = torch.zeros(layers, layers, dtype=F64, device=buf.device)
+    diag = torch.empty(layers, n, dtype=F64, device=buf.device)
+    for s in range(0, n, rows):
+        r, c = min(rows, n - s), n - s
+        size, chunks = r * c, -(-r * c // CHUNK)
+        panel = buf[:, : chunks * CHUNK]
+        for i, f in enumerate(feats):
+            torch.mm(f[s : s + r], f[s:].T, out=panel[i, :size].view(r, c))
+        tiles = panel[:, :size].view(layers, r, c)[:, :, :r]
+        diag[:, s : s + r] = tiles.diagonal(dim1=1, dim2=2)
+        tiles.triu_(1)
+        panel[:, size:].zero_()  # padding of the last chunk
+        per_chunk = panel.view(layers, chunks, CHUNK).transpose(0, 1)
+        total += torch.bmm(per_chunk, per_chunk.transpose(1, 2)).sum(0, dtype=F64)
+    return 2 * total, diag
+
+
+def _feature_path(
+    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], dx: torch.Tensor, dy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For centred float64 layers: ``off`` for every (x, y) pair ``[Lx, Ly]`` and for each layer with
+    itself ``[Lx + Ly]``, as ``‖AᵀB‖²_F`` minus the diagonal products (``dx``, ``dy``: Gram diagonals)."""
+    ycat = torch.cat(list(ys), dim=1)
+    seg = torch.repeat_interleave(
+        torch.arange(len(ys), device=ycat.device), torch.tensor([y.shape[1] for y in ys], device=ycat.device)
+    )
+    full = torch.zeros(len(xs), len(ys), dtype=F64, device=ycat.device)
+    for i, x in enumerate(xs):  # ‖X_iᵀY_j‖²: X_iᵀ[Y_1 … Y_L] squared, summed per y layer (memory p_i × ΣQ)
+        full[i].index_add_(0, seg, (x.T @ ycat).square_().sum(0))
+    own = torch.stack([torch.linalg.matrix_norm(f.T @ f).square() for f in (*xs, *ys)])
+    d = torch.cat([dx, dy])
+    return full - dx @ dy.T, own - (d * d).sum(1)
+
+
+def _scaled_hsic(
+    off: torch.Tensor, dd: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor, n: int, debiased: bool
+) -> torch.Tensor:
+    """n(n-3)·HSIC_1 or (n-1)²·HSIC_0 (the factors cancel in CKA) from the module docstring's formula."""
+    if debiased:
+        return off - 2.0 / (n - 2) * dd + t_a * t_b / ((n - 1) * (n - 2))
+    return off + dd
+
+
+def cka_matrix_from_features(
+    xs: Sequence[ArrayLike],
+    ys: Sequence[ArrayLike],
+    debiased: bool = True,
+    method: Method = "auto",
+) -> np.ndarray:
+    """Full-data linear CKA for every pair of layers: ``out[i, j] = CKA(xs[i], ys[j])``.
+
+    ``xs``/``ys`` are per-layer ``[n, d]`` matrices of the same n examples (4-D maps are flattened), on
+    one device. ``method="feature"`` or ``"gram"`` forces a path (see the module docstring); ``"auto"``
+    takes the cheaper by ``choose_method``. The gram path agrees with float64 to ~1e-7 (float32 Grams from
+    ``F32_MIN_N`` examples on), the feature path to ~1e-12. Returns float64 ``[len(xs), len(ys)]``.
+    """
+    if not xs or not ys:
+        raise ValueError("xs and ys must each hold at least one layer")
+    xt = [as_matrix(x, dtype=None) for x in xs]
+    yt = [as_matrix(y, device=xt[0].device, dtype=None) for y in ys]
+    for t in (*xt[1:], *yt):
+        check_pair(xt[0], t)
+    n = xt[0].shape[0]
+    if debiased and n < 4:
+        raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
+    if method == "auto":
+        method = choose_method(n, [x.shape[1] for x in xt], [y.shape[1] for y in yt])
+    if method not in ("gram", "feature"):
+        raise ValueError(f"unknown method {method!r}")
+    lx = len(xt)
+    if method == "gram":
+        feats = [_center(t, torch.float32 if n >= F32_MIN_N else F64) for t in (*xt, *yt)]
+        total, diag = _gram_path(feats)
+        off, own = total[:lx, lx:], total.diagonal()
+    else:
+        feats = [_center(t, F64) for t in (*xt, *yt)]
+        diag = torch.stack([torch.linalg.vector_norm(f, dim=1).square_() for f in feats])
+        off, own = _feature_path(feats[:lx], feats[lx:], diag[:lx], diag[lx:])
+    dx, dy = diag[:lx], diag[lx:]
+    own_x, own_y = own[:lx], own[lx:]
+    tx, ty = dx.sum(1), dy.sum(1)
+    xy = _scaled_hsic(off, dx @ dy.T, tx[:, None], ty[None, :], n, debiased)
+    xx = _scaled_hsic(own_x, (dx * dx).sum(1), tx, tx, n, debiased)
+    yy = _scaled_hsic(own_y, (dy * dy).sum(1), ty, ty, n, debiased)
+    return (xy / torch.sqrt(xx[:, None] * yy[None, :])).cpu().numpy()
+
+
+def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
+    """Linear CKA of two representations ``[n, p1]``, ``[n, p2]`` of the same n examples.
+
+    Biased (Kornblith et al. 2019) or debiased (unbiased HSIC_1); the path is chosen as in
+    ``cka_matrix_from_features``. Inputs with more than 2 dims are flattened.
+    """
+    return float(cka_matrix_from_features([x], [y], debiased=debiased)[0, 0])
