@@ -18,7 +18,7 @@ from kd_core.engine import Callback, PhaseRun, StopRequested, run_experiment
 from kd_core.features import probe_shapes
 from kd_core.losses.base import LossInputs
 from kd_core.methods import Batch, MethodContext, StudentOutputs, create_method
-from kd_core.methods.tgeo_kd import TGeoKD, geometry_state
+from kd_core.methods.tgeo_kd import TGeoKD
 from kd_core.models import create_model
 from kd_core.sink import MemorySink
 from tests.test_methods import turned_down
