@@ -46,3 +46,23 @@ def test_token_stages_are_the_patch_tokens_laid_out_as_a_map() -> None:
     tokens, grid = raw[0], tap.stages[-1]
     assert grid.shape == (2, 192, 7, 7)
     assert torch.equal(grid[:, :, 2, 5], tokens[:, prefix + 2 * 7 + 5])  # row-major patches, class token dropped
+
+
+def test_cka_mean_pools_token_stages_over_tokens_not_channels() -> None:
+    """A ViT stage is ``[B, tokens, D]``: mean pooling must keep one D-vector per image, as for a conv map, so
+    the CKA of a stage with a channel-rotated copy of itself is 1 (averaging over D instead would not be)."""
+    from kd_core.analysis import cka_matrix_from_features, pool_features
+
+    model = create_model("timm:vit_tiny_patch16_224", 10, 3, 32).eval()
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(feature_spec(model).stages[-1]).register_forward_hook(lambda m, a, out: captured.append(out))
+    with torch.no_grad():
+        model(torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    handle.remove()
+    stage = captured[0]
+    assert stage.ndim == 3
+    rotation, _ = torch.linalg.qr(torch.randn(stage.shape[2], stage.shape[2], generator=torch.Generator().manual_seed(1)))
+    pooled, rotated = pool_features(stage, "mean"), pool_features(stage @ rotation, "mean")
+    assert pooled.shape == (64, stage.shape[2])
+    cka = cka_matrix_from_features([pooled], [rotated])
+    assert float(cka[0, 0]) == pytest.approx(1.0, abs=1e-6)

@@ -74,12 +74,16 @@ __all__ = [
 def pool_features(t: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """Reduce a layer output ``[B, C, *spatial]`` to a matrix ``[B, p]``.
 
-    ``"flatten"``: ``C·H·W`` columns. ``"mean"``: average over every dim after the channel dim (global
-    average pooling); 2-D outputs are returned as they are.
+    ``"flatten"``: ``C·H·W`` columns. ``"mean"``: global average pooling: over every dim after the channel
+    dim of a ``[B, C, H, W]`` map, over the tokens of a ``[B, N, D]`` token sequence (ViT, MLP-Mixer stages:
+    the channel dim is last there, so one ``D``-vector per example as for a map); 2-D outputs are returned
+    as they are.
     """
     if pooling == "flatten":
         return t.flatten(1)
     if pooling == "mean":
+        if t.ndim == 3:
+            return t.mean(dim=1)
         return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t
     raise ValueError(f"unknown pooling {pooling!r} (use 'flatten' or 'mean')")
 
