@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_core.features import tokens_to_map
+
 AttrMethod = Literal["saliency", "integrated_gradients", "smoothgrad", "gradcam", "occlusion"]
 Reduce = Literal["abs_sum", "sum", "l2"]
 Target = Union[int, Sequence[int], torch.Tensor]
@@ -50,6 +52,25 @@ def default_gradcam_layer(model: nn.Module) -> str:
     if spec is None or not spec.stages:
         raise ValueError("gradcam needs layer= (a module name) for models without feature_spec")
     return str(spec.stages[-1])
+
+
+def token_gradcam(
+    net: nn.Module, layer: nn.Module, tokens: tuple[int, int, int], x: torch.Tensor, target: torch.Tensor, relu: bool
+) -> torch.Tensor:
+    """Grad-CAM ``[N, 1, h, w]`` of a token layer (ViT, MLP-Mixer): its ``[N, prefix + h·w, D]`` output and
+    gradient are laid out as ``[N, D, h, w]`` maps first (the reshape of Chefer et al.'s and pytorch-grad-cam's
+    ViT recipes), then channel weights = the spatial mean of the gradient, as for a conv map. Captum's
+    LayerGradCam would average over D and sum over the tokens instead."""
+    captured: dict[str, torch.Tensor] = {}
+    handle = layer.register_forward_hook(lambda m, a, out: captured.__setitem__("out", out))
+    try:  # the input carries the graph: the network's own parameters may all be frozen
+        logits = net(x.detach().requires_grad_(True))
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), captured["out"])
+    fmap, gmap = tokens_to_map(captured["out"].detach(), *tokens), tokens_to_map(grad, *tokens)
+    cam = (gmap.mean(dim=(2, 3), keepdim=True) * fmap).sum(1, keepdim=True)
+    return F.relu(cam) if relu else cam
 
 
 def _layer_name(model: nn.Module, layer: str | nn.Module) -> str:
@@ -171,9 +192,13 @@ def attribute(
                 )
         elif method == "gradcam":
             name = _layer_name(model, layer) if layer is not None else default_gradcam_layer(model)
-            cam = LayerGradCam(net, net.get_submodule(name)).attribute(
-                x, target=tgt, relu_attributions=relu_gradcam
-            )
+            tokens = getattr(getattr(net, "feature_spec", None), "tokens", None)
+            if tokens is not None:
+                cam = token_gradcam(net, net.get_submodule(name), tokens, x, tgt, relu_gradcam)
+            else:
+                cam = LayerGradCam(net, net.get_submodule(name)).attribute(
+                    x, target=tgt, relu_attributions=relu_gradcam
+                )
             attr = LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear")
             if reduce is None:
                 reduce = "sum"

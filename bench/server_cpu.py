@@ -1,0 +1,155 @@
+"""How much CPU the dashboard server takes from training, with real browser tabs open (Playwright + Chromium).
+
+    .venv/bin/python bench/server_cpu.py [--config configs/mnist5k_kd.yaml] [--hold 60]
+
+One dashboard server (``streamlit run app.py``, its own SQLite database and data folder under a temporary
+directory; the server's supervisor dispatches queued runs to a local worker, as in normal use). Measured in
+one process tree and printed as a table:
+
+1. *idle*: the server with no tab open, ``--hold`` seconds;
+2. *unwatched run*: the demo config submitted (``python -m kd_core submit``) with no tab open: its wall time
+   from submission to the run's end, and the server's CPU meanwhile;
+3. *watched run*: the same config again, with three tabs open on it from submission to its end (Run detail,
+   Runs, Compare with the two runs): its wall time, the ratio to the unwatched one, the server's CPU;
+4. *finished run, one tab*: Run detail of the finished run held open ``--hold`` seconds;
+5. *finished run, three tabs*: Run detail, Runs and Compare held open ``--hold`` seconds.
+
+Server CPU is the server process's own user+system time (``/proc/<pid>/stat``; workers are separate
+processes and are not counted) divided by the wall time of the window, in % of one core. Chromium's own CPU
+is not counted either (it runs on the user's machine in real use). Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+@contextmanager
+def dashboard(home: Path) -> Iterator[tuple[str, int, dict[str, str]]]:
+    env = {**os.environ, "DISTILLERY_DB_URL": f"sqlite:///{home / 'distillery.db'}", "DISTILLERY_HOME": str(home),
+           "DISTILLERY_ARTIFACTS": str(home / "artifacts"), "DISTILLERY_SLOTS": "1"}
+    port = 8600 + os.getpid() % 300
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise SystemExit("the dashboard did not answer /_stcore/health within 60 s")
+    try:
+        yield url, server.pid, env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "kd_core", *args], cwd=ROOT, env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def wait_finished(env: dict[str, str], run_id: int) -> str:
+    from storage import Store
+
+    store = Store(env["DISTILLERY_DB_URL"])
+    try:
+        while (status := store.get_run(run_id).status) not in ("completed", "failed", "cancelled"):
+            time.sleep(1.0)
+        return status
+    finally:
+        store.dispose()
+
+
+def window(pid: int, fn) -> tuple[float, float, object]:
+    """(wall seconds, server CPU % of one core, fn's result) over fn()."""
+    c0, t0 = cpu_seconds(pid), time.perf_counter()
+    result = fn()
+    wall = time.perf_counter() - t0
+    return wall, 100 * (cpu_seconds(pid) - c0) / wall, result
+
+
+def open_tabs(context, url: str, paths: list[str]) -> list:
+    pages = []
+    for path in paths:
+        page = context.new_page()
+        page.goto(f"{url}/{path}")
+        pages.append(page)
+    for page in pages:  # each tab's first render has ended (the fragments poll from here on)
+        page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(timeout=120_000)
+    return pages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "mnist5k_kd.yaml"))
+    parser.add_argument("--hold", type=float, default=60.0, help="seconds each at-rest case is held open")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp, dashboard(Path(tmp)) as (url, pid, env):
+        wall, cpu, _ = window(pid, lambda: time.sleep(args.hold))
+        rows.append(("idle, no tab open", f"{wall:.0f}", f"{cpu:.2f}"))
+        first = int(cli(env, "submit", args.config))
+        wall_u, cpu, status = window(pid, lambda: wait_finished(env, first))
+        rows.append((f"unwatched run {first} ({status})", f"{wall_u:.0f}", f"{cpu:.2f}"))
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1400, "height": 1600})
+            second = int(cli(env, "submit", args.config))
+            t0 = time.perf_counter()
+            tabs = open_tabs(context, url, [f"run_detail?run={second}", "runs", f"compare?runs={first},{second}"])
+            # CPU is measured once the tabs have drawn (their steady polling); the wall time from submission
+            _, cpu, status = window(pid, lambda: wait_finished(env, second))
+            run_wall = time.perf_counter() - t0
+            rows.append((f"watched run {second} ({status}), 3 tabs (Run detail, Runs, Compare)", f"{run_wall:.0f}",
+                         f"{cpu:.2f}"))
+            for tab in tabs[1:]:
+                tab.close()
+            time.sleep(3)
+            wall, cpu, _ = window(pid, lambda: time.sleep(args.hold))
+            rows.append(("finished run, 1 tab (Run detail)", f"{wall:.0f}", f"{cpu:.2f}"))
+            tabs = tabs[:1] + open_tabs(context, url, ["runs", f"compare?runs={first},{second}"])
+            time.sleep(3)
+            wall, cpu, _ = window(pid, lambda: time.sleep(args.hold))
+            rows.append(("finished runs, 3 tabs", f"{wall:.0f}", f"{cpu:.2f}"))
+            browser.close()
+    print(f"config {Path(args.config).relative_to(ROOT)}, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs\n")
+    print("| case | wall (s) | server CPU (% of one core) |\n|---|---:|---:|")
+    for row in rows:
+        print(f"| {' | '.join(row)} |")
+    print(f"\nwatched / unwatched wall time of the run: {run_wall / wall_u:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
