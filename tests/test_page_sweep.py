@@ -64,3 +64,61 @@ def test_the_sweep_page_shows_the_means_of_the_runs_in_the_database(env, no_disp
     assert [c.proto.label for c in at.get("page_link") if "compare" in c.proto.page][:3] == [
         "temperature=1 (2 runs)", "temperature=4 (2 runs)", "temperature=8 (2 runs)"]
     assert not at.exception
+
+
+def sweep_rows(at) -> list[tuple[str, str]]:
+    paths = [s for s in at.selectbox if str(s.key).endswith("_path") and str(s.key).startswith("nx_sw_")]
+    values = [t for t in at.text_input if str(t.key).startswith("nx_sw_") and str(t.key).endswith("_values")]
+    return [(p.value, v.value) for p, v in zip(paths, values)]
+
+
+def launch_sweep_button(at):
+    return next(b for b in at.button if b.label.startswith("Launch sweep"))
+
+
+def test_the_form_refuses_bad_values_by_field_and_launches_the_grid_as_typed(env, no_dispatch):  # noqa: F811
+    from tests.ui_apptest import new_experiment
+
+    store = env
+    at = new_experiment()
+    at.toggle(key="nx_sw_on").set_value(True).run()
+    (path, _), = sweep_rows(at)
+    assert path == "recipe[1].params.temperature"  # the default preset's KD term
+    row = next(t for t in at.text_input if str(t.key).endswith("_values"))
+    row.set_value("1, 2, hot").run()
+    assert "Sweep over · temperature of term 2 (kd) (`recipe[1].params.temperature`): 'hot' is not a number" in errors(at)
+    assert launch_sweep_button(at).disabled
+    row.set_value("2, -1").run()
+    assert "recipe[1].params.temperature (sweep run temperature=-1)" in errors(at) and launch_sweep_button(at).disabled
+    row.set_value("2, 8").run()
+    at.button(key="nx_sw_add_btn").click().run()
+    assert [p for p, _ in sweep_rows(at)] == ["recipe[1].params.temperature", "seed"]
+    next(t for t in at.text_input if str(t.key).endswith("_values") and not t.value).set_value("0, 1").run()
+    shown = texts(at)
+    assert "2 × 2 = **4 runs**" in shown and "no estimate yet" in shown and "Trains the teacher 1× and the CE-only baseline 2×" in shown
+    launch_sweep_button(at).click().run()
+    (sweep,) = store.list_sweeps()
+    assert sweep.spec["axes"] == {"recipe[1].params.temperature": [2, 8], "seed": [0, 1]}  # as typed: ints stay ints
+    runs = sorted(store.list_runs(sweep_id=sweep.id, include_hidden=True), key=lambda r: r.id)
+    assert [(r.config["recipe"][1]["params"]["temperature"], r.config["seed"]) for r in runs] == [(2, 0), (2, 1), (8, 0), (8, 1)]
+
+
+def test_yaml_import_keeps_the_sweep_and_a_measured_run_gives_the_estimate(env, no_dispatch):  # noqa: F811
+    from pathlib import Path
+
+    from tests.ui_apptest import new_experiment, paste_yaml, shown_yaml
+
+    store = env
+    text = Path("configs/sweeps/mnist5k_temperature.yaml").read_text()
+    config = {k: v for k, v in __import__("yaml").safe_load(text).items() if k != "sweep"}
+    measured = store.create_run("measured", {**config, "baseline": True}, status="completed")
+    store.update_run(measured, summary={"student_acc": 90.0, "trained_s": 60.0})
+    at = new_experiment()
+    paste_yaml(at, text)
+    assert at.toggle(key="nx_sw_on").value
+    assert sweep_rows(at) == [("recipe[1].params.temperature", "1, 2, 4, 8, 16"), ("seed", "0, 1")]
+    assert shown_yaml(at)["sweep"] == {"recipe[1].params.temperature": [1, 2, 4, 8, 16], "seed": [0, 1]}
+    shown = texts(at)
+    assert "5 × 2 = **10 runs**" in shown
+    # one run here trained teacher, student and baseline in 60 s: every run of the grid is timed from it (rough)
+    assert "≈ 10m 00s of training in total" in shown and f"#{measured}" in shown and "rough" in shown
