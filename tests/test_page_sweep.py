@@ -122,3 +122,17 @@ def test_yaml_import_keeps_the_sweep_and_a_measured_run_gives_the_estimate(env, 
     assert "5 × 2 = **10 runs**" in shown
     # one run here trained teacher, student and baseline in 60 s: every run of the grid is timed from it (rough)
     assert "≈ 10m 00s of training in total" in shown and f"#{measured}" in shown and "rough" in shown
+
+
+def test_the_runs_page_groups_a_sweeps_runs_under_it(env, no_dispatch):  # noqa: F811
+    store = env
+    sweep_id = finished_sweep(store)
+    single = store.create_run("one run", {**BASE, "seed": 5}, status="completed")
+    at = open_page("pages/runs.py")
+    (group,) = [e for e in at.expander if e.label.startswith(f"Sweep #{sweep_id}")]
+    assert group.label == f"Sweep #{sweep_id} T sweep — 5/6 done · 1 queued"
+    assert list(at.dataframe[0].value["id"]) == [single]  # the single runs' table, as before
+    sweep_table = group.dataframe[0].value
+    assert sorted(sweep_table["id"]) == sorted(r.id for r in store.list_runs(sweep_id=sweep_id, include_hidden=True))
+    link = group.get("page_link")[0].proto
+    assert "sweep" in link.page and f"sweep={sweep_id}" in link.query_string
