@@ -48,7 +48,7 @@ def _launch_preset() -> None:
 
 def preset_box() -> None:
     with st.container(border=True):
-        c = st.columns([3, 1], vertical_alignment="center")
+        c = st.columns([5, 2], vertical_alignment="center")
         c[0].markdown("**What does temperature do?** KD on mnist5k (cnn_small → cnn_tiny) at T = 1, 2, 4, 8 and 16, two "
                       "seeds each: a lecturer sees student accuracy and KD gain rise and fall with T, next to the CE-only "
                       "baseline, with the spread over seeds.")
@@ -109,7 +109,8 @@ def results_section(sweep, runs, axes: list[str]) -> None:
                "interval of the mean (± half-width, Student's t). Only finished runs count; KD gain is each run's accuracy "
                "minus the CE-only baseline of its own seed.")
     st.dataframe(table, hide_index=True, key="sw_table", column_config={
-        c: st.column_config.NumberColumn(c, format="%.2f") for c in table.columns if c.endswith(("mean", "std", "±"))})
+        c: st.column_config.NumberColumn(c, format="%.2f") for c in table.columns if c.endswith((" mean", " std", " ±"))
+        and not c.endswith("± std")})
     st.download_button("Results (CSV)", sv.csv_bytes(table), file_name=f"sweep_{sweep.id}_results.csv", mime="text/csv",
                        icon=":material/download:", key="sw_dl_results")
     compare_links(cells, axes)
@@ -145,6 +146,9 @@ def plots_section(sweep, cells, axes: list[str]) -> None:
     for col, what in zip(c, ("student_acc", "kd_gain")):
         with col:
             chart(sv.value_figure(cells, x, what, bars, by=by), f"sw_{what}", f"sweep_{sweep.id}_{what}")
+    st.caption(f"Points: the mean over seeds of each value's finished runs; error bars: the {sv.ERROR_BARS[bars]} (none where "
+               "a value has one finished seed). The orange band is the CE-only baseline (same student, no teacher), its mean "
+               "± the same spread; KD gain is measured from it, so there it is the dashed zero line.")
     if len(grid) == 2:
         what = st.segmented_control("Heatmap of", ["student_acc", "kd_gain"], default="student_acc", key="sw_heat_what",
                                     format_func=lambda w: {"student_acc": "student accuracy", "kd_gain": "KD gain"}[w]) or "student_acc"

@@ -23,6 +23,7 @@ from ui import charts
 PROGRESS_BUCKETS = {"completed": "done", "starting": "running", "running": "running", "cancelling": "running",
                     "queued": "queued", "failed": "failed", "cancelled": "cancelled"}
 ERROR_BARS = {"ci95": "95 % confidence interval of the mean over seeds", "std": "standard deviation over seeds"}
+BAR_NAMES = {"ci95": "95 % CI", "std": "std"}  # short enough for a half-width chart's subtitle
 
 
 def progress_counts(runs: pd.DataFrame) -> dict[str, int]:
@@ -146,9 +147,9 @@ def value_figure(cells: pd.DataFrame, axis: str, col: str, bars: str, by: str | 
             line={"color": color, "width": charts.LINE_WIDTH}, marker={"size": 9},
             error_y={"type": "data", "array": _errors(part, col, bars), "visible": True, "thickness": 2},
             customdata=list(part["finished"]), hovertemplate="%{x}: %{y:.2f} (%{customdata} runs)<extra></extra>"))
-    what = "student accuracy (%)" if col == "student_acc" else "KD gain (points over the CE baseline)"
-    charts.style(fig, title=f"{what.split(' (')[0].capitalize()} vs {axis_title(axis)}",
-                 subtitle=f"mean over seeds; error bars: {ERROR_BARS[bars]}", x_title=axis_title(axis), y_title=what)
+    title, y_title = ("Student accuracy", "student accuracy (%)") if col == "student_acc" else ("KD gain", "KD gain (points)")
+    charts.style(fig, title=f"{title} vs {parse_path(axis)[-1]}", subtitle=f"mean over seeds · bars: {BAR_NAMES[bars]}",
+                 x_title=axis_title(axis), y_title=y_title)
     fig.update_xaxes(**_x_axis(list(done[axis])))
     return fig
 
@@ -177,7 +178,8 @@ def heatmap_figure(cells: pd.DataFrame, x_axis: str, y_axis: str, col: str) -> g
         z=table.values, x=[str(v) for v in table.columns], y=[str(v) for v in table.index], text=text,
         texttemplate="%{text}", colorscale="RdBu" if col == "kd_gain" else "Viridis", zmid=0 if col == "kd_gain" else None,
         colorbar={"title": {"text": what}}, hovertemplate=f"{x_axis}=%{{x}}, {y_axis}=%{{y}}: %{{text}}<extra></extra>"))
-    charts.style(fig, title=f"{what.split(' (')[0].capitalize()} per cell", subtitle="mean over seeds ± 95 % confidence interval",
+    charts.style(fig, title=f"{'Student accuracy' if col == 'student_acc' else 'KD gain'} per cell",
+                 subtitle="mean over seeds ± 95 % confidence interval",
                  x_title=axis_title(x_axis), y_title=axis_title(y_axis), height=460)
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category")
