@@ -136,3 +136,23 @@ def test_the_runs_page_groups_a_sweeps_runs_under_it(env, no_dispatch):  # noqa:
     assert sorted(sweep_table["id"]) == sorted(r.id for r in store.list_runs(sweep_id=sweep_id, include_hidden=True))
     link = group.get("page_link")[0].proto
     assert "sweep" in link.page and f"sweep={sweep_id}" in link.query_string
+
+
+def test_two_swept_axes_get_a_heatmap_of_the_cell_means(env, no_dispatch):  # noqa: F811
+    import json
+
+    store = env
+    sweep_id = submit_sweep(store, {**copy.deepcopy(BASE), "sweep": {T_AXIS: [2, 4], "recipe[1].weight": [0.5, 0.9], "seed": [0, 1]}})
+    runs = sorted(store.list_runs(sweep_id=sweep_id, include_hidden=True), key=lambda r: r.id)
+    for i, run in enumerate(runs):  # distinct accuracies, baselines on the runs that train them
+        summary = {"student_acc": 80.0 + i, **({"baseline_acc": 70.0 + run.config["seed"]} if run.config["baseline"] else {})}
+        store.update_run(run.id, status="completed", summary=summary)
+    runs = store.list_runs(sweep_id=sweep_id, include_hidden=True)
+    at = open_page("pages/sweep.py", sweep=str(sweep_id))
+    figures = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    heat = next(f for f in figures if f["data"][0]["type"] == "heatmap")
+    z = heat["data"][0]["z"]  # rows: weight 0.5, 0.9; columns: temperature 2, 4
+    for (w, t), cell in {(0.5, 2): z[0][0], (0.9, 2): z[1][0], (0.5, 4): z[0][1], (0.9, 4): z[1][1]}.items():
+        accs = [r.summary["student_acc"] for r in runs
+                if r.config["recipe"][1]["weight"] == w and r.config["recipe"][1]["params"]["temperature"] == t]
+        assert cell == statistics.mean(accs)

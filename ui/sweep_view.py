@@ -175,7 +175,7 @@ def heatmap_figure(cells: pd.DataFrame, x_axis: str, y_axis: str, col: str) -> g
     text = [[_mean_ci(m, c) for m, c in zip(row_m, row_c)] for row_m, row_c in zip(table.values, ci.reindex_like(table).values)]
     what = "student accuracy (%)" if col == "student_acc" else "KD gain (points)"
     fig = go.Figure(go.Heatmap(
-        z=table.values, x=[str(v) for v in table.columns], y=[str(v) for v in table.index], text=text,
+        z=table.values.tolist(), x=[str(v) for v in table.columns], y=[str(v) for v in table.index], text=text,
         texttemplate="%{text}", colorscale="RdBu" if col == "kd_gain" else "Viridis", zmid=0 if col == "kd_gain" else None,
         colorbar={"title": {"text": what}}, hovertemplate=f"{x_axis}=%{{x}}, {y_axis}=%{{y}}: %{{text}}<extra></extra>"))
     charts.style(fig, title=f"{'Student accuracy' if col == 'student_acc' else 'KD gain'} per cell",
