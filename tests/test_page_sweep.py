@@ -156,3 +156,17 @@ def test_two_swept_axes_get_a_heatmap_of_the_cell_means(env, no_dispatch):  # no
         accs = [r.summary["student_acc"] for r in runs
                 if r.config["recipe"][1]["weight"] == w and r.config["recipe"][1]["params"]["temperature"] == t]
         assert cell == statistics.mean(accs)
+
+
+def test_the_temperature_preset_launches_from_the_sweep_page(env, no_dispatch):  # noqa: F811
+    store = env
+    at = open_page("pages/sweep.py")
+    assert "No sweeps yet." in texts(at)
+    at.button(key="sw_preset").click().run()
+    assert not at.exception, at.exception
+    (sweep,) = store.list_sweeps()
+    assert sweep.spec["axes"] == {"recipe[1].params.temperature": [1, 2, 4, 8, 16], "seed": [0, 1]}
+    runs = store.list_runs(sweep_id=sweep.id, include_hidden=True)
+    assert len(runs) == 10 and sum(r.config["teacher"]["source"] == "train" for r in runs) == 1
+    assert sum(bool(r.config["baseline"]) for r in runs) == 2  # one baseline per seed
+    assert at.selectbox(key="sw_pick").value == sweep.id and "0/10 done · 10 queued" in texts(at)
