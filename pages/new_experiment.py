@@ -160,7 +160,8 @@ def header() -> None:
         getattr(st, msg[0])(msg[1])
 
 
-def form(check) -> None:
+def form(check):
+    """Every section of the form; the sweep's check when "Sweep over" is switched on, else None."""
     fw.run_section(check)
     fw.dataset_section(check)
     left, right = st.columns(2, gap="large")
@@ -177,9 +178,11 @@ def form(check) -> None:
         fw.model_section(check, "student")
     fw.recipe_section(check, on_add=lambda: forms.new_term_state(ss.get("nx_new_loss") or "kd"), on_remove=_remove_term)
     fw.options_section(check)
+    sweep = form_sweep.sweep_section(check, store)
     st.divider()
     st.subheader("Before you launch")
     fw.summary_section(check)
+    return sweep
 
 
 def launch_bar(check, sweep=None) -> None:
@@ -232,6 +235,5 @@ form_check = check_form(ss, store, upload_error)
 ss["_nx_state"] = {k: v for k, v in ss.items() if isinstance(k, str) and k.startswith(P) and not k.endswith(NOT_SETTABLE)}
 header()
 preset_and_import()
-form(form_check)
-sweep_check = form_sweep.sweep_section(form_check, store)
+sweep_check = form(form_check)
 launch_bar(form_check, sweep_check)
