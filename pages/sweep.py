@@ -75,6 +75,20 @@ def pick_sweep(sweeps: list):
     return by_id[chosen]
 
 
+def overview(sweeps: list) -> None:
+    """Every sweep with the progress of its grid, from one query over the runs."""
+    import pandas as pd
+
+    statuses: dict[int, list[str]] = {}
+    for run in store.list_runs(include_hidden=True):
+        if run.sweep_id is not None:
+            statuses.setdefault(run.sweep_id, []).append(run.status)
+    rows = [{"sweep": f"#{s.id}", "name": s.name, "swept": ", ".join(f"{k}: {v}" for k, v in s.spec.get("axes", {}).items()),
+             "progress": sv.progress_line(sv.progress_counts(pd.DataFrame({"status": statuses.get(s.id, [])})))} for s in sweeps]
+    with st.expander(f"All sweeps ({len(sweeps)})"):
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="sw_overview")
+
+
 # --------------------------------------------------------------------------- one sweep
 
 
@@ -173,6 +187,7 @@ def main() -> None:
     if not sweeps:
         st.info("No sweeps yet.")
         return
+    overview(sweeps)
     sweep = pick_sweep(sweeps)
     axes = list(sweep.spec.get("axes", {}))
     live = any(r.status in ACTIVE for r in store.list_runs(sweep_id=sweep.id, include_hidden=True))

@@ -47,7 +47,9 @@ def test_the_sweep_page_shows_the_means_of_the_runs_in_the_database(env, no_disp
     sweep_id = finished_sweep(store)
     at = open_page("pages/sweep.py", sweep=str(sweep_id))
     assert "5/6 done · 1 queued" in texts(at)
-    table = at.dataframe[0].value  # the results table comes first
+    overview = next(d.value for d in at.dataframe if "swept" in d.value.columns)  # the list of all sweeps
+    assert overview["progress"].tolist() == ["5/6 done · 1 queued"]
+    table = next(d.value for d in at.dataframe if "finished runs" in d.value.columns)  # the results table
     runs = store.list_runs(sweep_id=sweep_id, include_hidden=True)
     baseline = {r.config["seed"]: r.summary["baseline_acc"] for r in runs if r.config["baseline"]}
     for _, row in table.iterrows():
