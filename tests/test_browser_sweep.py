@@ -41,7 +41,7 @@ def launch_from_the_form(page, url: str) -> None:
     type_into(page, "Epochs", "2", nth=1)  # student and baseline
     page.get_by_text("Compute the analysis views").click()  # four runs on a shared 2-core machine: no analysis
     settle(page)
-    page.get_by_text("Sweep: launch one run per combination of values").click()
+    page.get_by_text("Sweep: one run per combination of the values below").click()
     settle(page)
     type_into(page, "Values", "2, 8", nth=0)  # the first row is the KD term's temperature
     page.get_by_role("button", name="Add a field").click()

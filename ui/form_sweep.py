@@ -206,7 +206,9 @@ def sweep_section(form_check: Any, store: Any) -> SweepCheck | None:
     """Draw the section; the sweep's check when the sweep is switched on, else None (Launch starts one run)."""
     ss = st.session_state
     st.subheader("Sweep over")
-    if not st.toggle("Sweep: launch one run per combination of values", key=ON,
+    # no "launch" in the label: its help icon is named after it, and two controls named "Launch…" confuse screen
+    # readers and the browser tests alike
+    if not st.toggle("Sweep: one run per combination of the values below", key=ON,
                      help="The teacher is trained once and shared; the CE-only baseline is trained once per seed "
                           "(and student). The Sweeps page then shows mean ± spread over seeds per value."):
         st.caption("Off: Launch starts the one run above.")
