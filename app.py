@@ -17,6 +17,7 @@ PAGES = [
     ("pages/analysis.py", "Analysis", ":material/biotech:", False),
     ("pages/compare.py", "Compare", ":material/compare_arrows:", False),
     ("pages/playground.py", "Playground", ":material/tune:", False),
+    ("pages/sweep.py", "Sweeps", ":material/grid_view:", False),
 ]
 
 page = st.navigation([st.Page(path, title=title, icon=icon, default=default) for path, title, icon, default in PAGES])

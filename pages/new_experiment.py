@@ -16,7 +16,7 @@ import yaml
 from kd_core.config import ConfigError
 from kd_core.teachers import TeacherUnavailable
 from ui import form_widgets as fw
-from ui import forms, presets
+from ui import form_sweep, forms, presets
 from ui.form_checks import check_form
 from ui.form_fields import P
 from ui.form_state import follow_config_with_name
@@ -25,7 +25,7 @@ from ui.state import ensure_app, flash, get_store, runner, show_flash
 ensure_app(__file__)
 store = get_store()
 ss = st.session_state
-NOT_SETTABLE = ("_remove", "t_upload", "import_file", "import_btn", "export")  # buttons and uploaders: Streamlit owns their state
+NOT_SETTABLE = ("_remove", "t_upload", "import_file", "import_btn", "export", "_btn")  # buttons and uploaders: Streamlit owns their state
 
 
 # --------------------------------------------------------------------------- (1) what to load into the form
@@ -39,6 +39,7 @@ def _load(config: dict, origin: str) -> bool:
                          + "\n".join(f"- `{path}`: {why}" for path, why in problems))
         return False
     ss.pop("_nx_parent", None)
+    form_sweep.clear(ss)  # a loaded config replaces the whole form, its sweep too
     ss["_nx_msg"] = ("success", f"Loaded {origin} into the form.")
     return True
 
@@ -61,7 +62,16 @@ def _on_import() -> None:
     except yaml.YAMLError as exc:
         ss["_nx_msg"] = ("error", f"{origin} is not valid YAML: {exc}")
         return
-    _load(data, origin)
+    if not (isinstance(data, dict) and "sweep" in data):
+        _load(data, origin)
+        return
+    # a sweep file: the base config goes into the form and its sweep: section into "Sweep over", or nothing loads
+    why = form_sweep.load_axes({}, data["sweep"])
+    if why:
+        ss["_nx_msg"] = ("error", f"{origin} was not loaded: {why}")
+    elif _load({k: v for k, v in data.items() if k != "sweep"}, origin):
+        form_sweep.load_axes(ss, data["sweep"])
+        ss["_nx_msg"] = ("success", f"Loaded {origin} into the form, with its sweep over {', '.join(map(str, data['sweep']))}.")
 
 
 def _remove_term(uid: int) -> None:
@@ -83,6 +93,11 @@ def take_pending() -> None:
     prefill = ss.pop("prefill_config", None)
     if prefill:
         parent = ss.pop("prefill_parent_id", None)
+        if "sweep" in prefill:  # e.g. the Sweeps preset handed over: keep its sweep
+            axes, prefill = prefill["sweep"], {k: v for k, v in prefill.items() if k != "sweep"}
+            if _load(prefill, "the sweep's config"):
+                form_sweep.load_axes(ss, axes)
+            return
         if _load(prefill, "the run's config"):
             ss.pop("_nx_msg", None)  # the "Editing a copy of run #N" note says it already
             ss["_nx_parent"] = parent
@@ -145,7 +160,8 @@ def header() -> None:
         getattr(st, msg[0])(msg[1])
 
 
-def form(check) -> None:
+def form(check):
+    """Every section of the form; the sweep's check when "Sweep over" is switched on, else None."""
     fw.run_section(check)
     fw.dataset_section(check)
     left, right = st.columns(2, gap="large")
@@ -162,25 +178,36 @@ def form(check) -> None:
         fw.model_section(check, "student")
     fw.recipe_section(check, on_add=lambda: forms.new_term_state(ss.get("nx_new_loss") or "kd"), on_remove=_remove_term)
     fw.options_section(check)
+    sweep = form_sweep.sweep_section(check, store)
     st.divider()
     st.subheader("Before you launch")
     fw.summary_section(check)
+    return sweep
 
 
-def launch_bar(check) -> None:
+def launch_bar(check, sweep=None) -> None:
     c = st.columns([1, 1, 2], vertical_alignment="center")
-    valid = check.valid
-    pressed = c[0].button("Launch", type="primary", disabled=valid is None, width="stretch", icon=":material/rocket_launch:",
-                          help="Queue the run; it starts as soon as a worker slot is free." if valid else "Fix the problems listed above first.")
-    text = valid.to_yaml() if valid is not None else yaml.safe_dump(check.config, sort_keys=False, allow_unicode=True)
+    valid = check.valid if sweep is None else (sweep.raw if sweep.plan is not None else None)
+    label = "Launch" if sweep is None else f"Launch sweep ({sweep.size} runs)"
+    ready = "Queue the run; it starts as soon as a worker slot is free." if sweep is None else "Queue every run of the sweep."
+    pressed = c[0].button(label, type="primary", disabled=valid is None, width="stretch", icon=":material/rocket_launch:",
+                          help=ready if valid is not None else "Fix the problems listed above first.")
+    if sweep is not None:
+        text = yaml.safe_dump(sweep.raw if valid is not None else {**check.config, "sweep": sweep.axes}, sort_keys=False, allow_unicode=True)
+    else:
+        text = valid.to_yaml() if valid is not None else yaml.safe_dump(check.config, sort_keys=False, allow_unicode=True)
     file_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(check.config.get("name")))[:80] or "config"
     c[1].download_button("Export YAML", text if valid is not None else "", file_name=f"{file_name}.yaml", mime="application/x-yaml",
                          width="stretch", key="nx_export", disabled=valid is None, icon=":material/file_download:",
-                         help="The same file `python -m kd_core run FILE` accepts." if valid else "Fix the problems first.")
+                         help=("The same file `python -m kd_core sweep FILE` accepts." if sweep is not None else
+                               "The same file `python -m kd_core run FILE` accepts.") if valid is not None else "Fix the problems first.")
     with st.expander("Show the config as YAML"):
         st.code(text, language="yaml")
     if pressed and valid is not None:
-        launch(valid)
+        if sweep is not None:
+            form_sweep.launch(sweep, store)
+        else:
+            launch(valid)
 
 
 def launch(config) -> None:
@@ -208,5 +235,5 @@ form_check = check_form(ss, store, upload_error)
 ss["_nx_state"] = {k: v for k, v in ss.items() if isinstance(k, str) and k.startswith(P) and not k.endswith(NOT_SETTABLE)}
 header()
 preset_and_import()
-form(form_check)
-launch_bar(form_check)
+sweep_check = form(form_check)
+launch_bar(form_check, sweep_check)

@@ -280,6 +280,11 @@ def main() -> None:
         "**dark knowledge**. Knowledge distillation trains the student to copy these soft probabilities, "
         "softened by a **temperature** T so that the small ones count.",
     )
+    # the playground shows T on one trained pair; the sweep shows what T does to training itself
+    # (a button, not st.page_link: a link must name a page of app.py's navigation, which a page run alone lacks)
+    if st.button("What does T do to the trained student? The temperature sweep (T = 1 … 16, two seeds) on the Sweeps page",
+                 key="pg_sweep", icon=":material/grid_view:"):
+        st.switch_page("pages/sweep.py")
     store = ui_state.get_store()
     runs = usable_runs(store)
     if not runs:

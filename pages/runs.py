@@ -33,6 +33,7 @@ from ui.state import (
     runner,
     show_flash,
 )
+from ui.sweep_view import progress_counts, progress_line
 
 ensure_app(__file__)
 store = get_store()
@@ -72,9 +73,9 @@ def build_frame(runs: list) -> pd.DataFrame:
             "models": f"{teacher.get('arch', '?')} → {student.get('arch', '?')}", "recipe": recipe_text(cfg.get("recipe")),
             "last_acc": summary.get("student_last_acc"), "trained_s": trained_seconds(summary, r.progress),
             "created": datetime.fromtimestamp(r.created_at), "tags": ", ".join(r.tags or []), "hidden": bool(r.hidden),
-            "_status": r.status,
+            "_status": r.status, "_sweep": r.sweep_id,
         })
-    df = pd.DataFrame(rows, columns=[*COLUMN_CONFIG, "trained_s", "_status"])
+    df = pd.DataFrame(rows, columns=[*COLUMN_CONFIG, "trained_s", "_status", "_sweep"])
     for col in ("progress", "best_acc", "last_acc", "teacher_acc", "kd_gain", "trained_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     return df
@@ -190,16 +191,33 @@ def filtered(df: pd.DataFrame) -> pd.DataFrame:
     return view.sort_values([col, "id"], ascending=[ascending, ascending], na_position="last").reset_index(drop=True)
 
 
-def table(view: pd.DataFrame) -> list[int]:
+def table(view: pd.DataFrame, key: str = TABLE_KEY) -> list[int]:
     """The grid; returns the ids of the selected rows."""
     extra = [c for c in ss.get("runs_columns") or [] if c in OPTIONAL]
     shown = [*ALWAYS, *extra] + (["hidden"] if ss.get("runs_show_hidden") else [])
     event = st.dataframe(
-        view, key=TABLE_KEY, on_select="rerun", selection_mode="multi-row", hide_index=True,
+        view, key=key, on_select="rerun", selection_mode="multi-row", hide_index=True,
         column_order=shown, column_config=COLUMN_CONFIG, placeholder="–", height=min(38 + 35 * max(len(view), 3), 560),
     )
     rows = [i for i in (event.selection.rows if event is not None else []) if i < len(view)]
     return [int(view["id"].iloc[i]) for i in rows]
+
+
+def sweep_groups(df: pd.DataFrame, view: pd.DataFrame) -> list[int]:
+    """One collapsed expander per sweep with rows in ``view``: its progress, a link to its page and its runs (selectable
+    like the main table); returns the ids selected in them."""
+    sweeps = {s.id: s for s in store.list_sweeps()} if view["_sweep"].notna().any() else {}
+    chosen: list[int] = []
+    for sweep_id, part in view[view["_sweep"].notna()].groupby("_sweep", sort=False):
+        sweep_id = int(sweep_id)
+        sweep = sweeps.get(sweep_id)
+        everything = df[df["_sweep"] == sweep_id]  # progress of the whole grid, whatever the filters hide
+        line = progress_line(progress_counts(pd.DataFrame({"status": everything["_status"]})))
+        with st.expander(f"Sweep #{sweep_id} {sweep.name if sweep else ''} — {line}", icon=":material/grid_view:"):
+            st.page_link("pages/sweep.py", label="Open the Sweeps page: results per value, mean ± spread over seeds",
+                         query_params={"sweep": str(sweep_id)}, icon=":material/grid_view:")
+            chosen += table(part.reset_index(drop=True), key=f"{TABLE_KEY}_sweep_{sweep_id}")
+    return chosen
 
 
 def action_buttons(ids: list[int], by_id: dict) -> None:
@@ -288,7 +306,10 @@ def runs_view() -> None:
         return
     df = build_frame(runs)
     view = filtered(df)
-    ids = table(view)
+    single = view[view["_sweep"].isna()].reset_index(drop=True)
+    grouped = view["_sweep"].notna().any()
+    ids = table(single) if len(single) or not grouped else []  # runs launched one by one, as before
+    ids += sweep_groups(df, view)  # runs of a sweep: grouped under it, collapsed
     c = st.columns([3, 2], vertical_alignment="center")
     c[0].caption(f"{len(view)} of {len(df)} runs shown" + (" · refreshing every 2 s while runs are active" if live else ""))
     c[1].multiselect("More columns", list(OPTIONAL), key="runs_columns", format_func=OPTIONAL.get, placeholder="more columns",

@@ -114,7 +114,7 @@ def test_the_runs_grid_shows_accuracy_and_kd_gain_without_scrolling(site):
         assert width <= visible, (width, visible)  # no horizontal scrolling at 1400 px
         assert page.get_by_role("button", name="Deploy").count() == 0
         icons = page.get_by_test_id("stSidebarNav").get_by_test_id("stIconMaterial")
-        expect(icons).to_have_count(6)  # one bundled Material icon per page, no emoji
+        expect(icons).to_have_count(7)  # one bundled Material icon per page, no emoji
         page.screenshot(path=str(SHOTS / "runs_1400.png"))
 
 
