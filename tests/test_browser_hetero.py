@@ -35,6 +35,7 @@ def test_a_vit_teacher_and_a_cnn_student_launched_from_the_form_show_cka_across_
         page.get_by_role("button", name="Load preset").click()
         settle(page)
         choose(page, 0, VIT)  # the teacher's architecture
+        type_into(page, "Subset (max training images)", "600")  # a ViT trains slowly on 2 CPU cores
         type_into(page, "Epochs", "1", nth=0)
         type_into(page, "Epochs", "2", nth=1)
         launch = page.get_by_role("button", name="Launch")
