@@ -192,8 +192,24 @@ def test_a_resumed_run_keeps_crd_banks_and_taid_t(tmp_path: Path) -> None:
     assert taid_t(resumed) == taid_t(straight) and taid_t(straight)[-1] > 0.4  # the schedule moved and resumed where it was
 
 
-def test_loss_terms_run_in_float32_when_forward_passes_are_bf16(tmp_path: Path) -> None:
-    """CPU autocast bf16 stands in for a GPU: every term through the engine's step equals its fp32 value."""
+def rng_states() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1]:
+        torch.cuda.set_rng_state_all(states[1])
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CPU autocast bf16 stands in for it)")
+
+
+@pytest.mark.parametrize("device, precision", [("cpu", "bf16"), pytest.param("cuda", "bf16", marks=CUDA),
+                                               pytest.param("cuda", "fp16", marks=CUDA)])
+def test_loss_terms_run_in_float32_when_forward_passes_are_reduced(tmp_path: Path, device: str, precision: str) -> None:
+    """Every term through the engine's step equals its fp32 value while the forward passes run in reduced
+    precision (CPU autocast bf16 stands in for a GPU where there is none)."""
     from kd_core.engine import Experiment
     from kd_core.engine.phases import Progress
     from kd_core.losses import LOSSES, create_loss
@@ -202,25 +218,26 @@ def test_loss_terms_run_in_float32_when_forward_passes_are_bf16(tmp_path: Path) 
     for term in recipe:
         if term["loss"] == "crd":
             term["params"] = {"num_negatives": 32}
-    config = tiny(precision="bf16", baseline=False, recipe=recipe, teacher={"arch": "cnn_small", "source": "random", "epochs": 0})
+    config = tiny(device=device, precision=precision, baseline=False, recipe=recipe,
+                  teacher={"arch": "cnn_small", "source": "random", "epochs": 0})
     experiment = Experiment(config, MemorySink(), tmp_path, lambda: False)
-    assert experiment.precision.name == "bf16"
+    assert experiment.precision.name == precision
     progress = Progress(phase_index=0)
     experiment.prepare_teacher(progress)
     phase = PhaseRun(experiment, experiment.phases[0], progress)
     idx = torch.arange(32)
-    x, y = experiment.data.train_x[idx], experiment.data.train_y[idx]
-    rng, states = torch.get_rng_state(), [copy.deepcopy(loss.state_dict()) for loss in phase.step.losses]
+    x, y = experiment.data.train_x[idx.to(experiment.data.train_x.device)], experiment.data.train_y[idx.to(experiment.data.train_y.device)]
+    rng, states = rng_states(), [copy.deepcopy(loss.state_dict()) for loss in phase.step.losses]
     inputs, terms = phase.step.compute_terms(Batch(x, y, idx), epoch=0, step=0, total_steps=10)
     assert inputs.student_logits.dtype == torch.float32 and all(s.dtype == torch.float32 for s in inputs.student_stages or [])
-    torch.set_rng_state(rng)  # CRD draws negatives and updates its banks: replay it from the same state
+    set_rng_states(rng)  # CRD draws negatives and updates its banks: replay it from the same state
     for key, loss, state in zip(phase.step.keys, phase.step.losses, states):
         loss.load_state_dict(state)
         reference = loss(inputs).float()  # plain fp32, no autocast
         assert terms[key].item() == pytest.approx(reference.item(), rel=1e-3, abs=1e-6), key
     # and what the old engine did (the term inside autocast) is measurably different for a Gram/distance term
-    rkd = create_loss("rkd")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    rkd = create_loss("rkd").to(device)
+    with torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16):
         in_bf16 = rkd(inputs).float().item()
     assert in_bf16 != pytest.approx(terms["rkd"].item(), rel=1e-3)
 
