@@ -235,11 +235,11 @@ def test_loss_terms_run_in_float32_when_forward_passes_are_reduced(tmp_path: Pat
         loss.load_state_dict(state)
         reference = loss(inputs).float()  # plain fp32, no autocast
         assert terms[key].item() == pytest.approx(reference.item(), rel=1e-3, abs=1e-6), key
-    # and what the old engine did (the term inside autocast) is measurably different for a Gram/distance term
-    rkd = create_loss("rkd").to(device)
-    with torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16):
-        in_bf16 = rkd(inputs).float().item()
-    assert in_bf16 != pytest.approx(terms["rkd"].item(), rel=1e-3)
+    if precision == "bf16":  # what the old engine did (the term inside autocast) is measurably different for a
+        rkd = create_loss("rkd").to(device)  # Gram/distance term in bf16 (fp16's 10-bit mantissa stays within 1e-3 here)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            in_bf16 = rkd(inputs).float().item()
+        assert in_bf16 != pytest.approx(terms["rkd"].item(), rel=1e-3)
 
 
 def test_a_last_batch_of_one_is_merged_not_dropped(tmp_path: Path) -> None:
