@@ -159,15 +159,34 @@ def test_compare_and_analysis_render_the_method_runs(trained):
 
 
 @pytest.mark.browser
-def test_the_method_tab_in_a_browser(trained):
+def test_the_method_tab_and_the_form_in_a_browser(trained):
+    """Screenshots a user would judge: the Method tab of a DHO and a TGeo-KD run, the MEAL V2 preset's further
+    teachers and a DisWOT ranking in the form."""
     from playwright.sync_api import expect
 
     from tests.test_browser import SHOTS, browser_page, serve, settle
 
-    with serve(Path(trained["home"]), DISTILLERY_SUPERVISE_INTERVAL_S="3600") as (url, _), browser_page(height=2000) as page:
+    with serve(Path(trained["home"]), DISTILLERY_SUPERVISE_INTERVAL_S="3600") as (url, _), browser_page(height=2600) as page:
         for method, title in (("dho", "Accuracy of each head"), ("tgeo_kd", "α per training sample")):
             page.goto(f"{url}/run_detail?run={trained['runs'][method].id}")
             page.get_by_role("tab", name="Method").click()
             expect(page.locator(".js-plotly-plot .gtitle").filter(has_text=title).first).to_be_visible()
             settle(page)
-            page.screenshot(path=str(SHOTS / f"run_detail_method_{method}.png"), full_page=True)
+            expect(page.locator("[data-testid='stException']")).to_have_count(0)
+            page.screenshot(path=str(SHOTS / f"run_detail_method_{method}.png"))
+        page.goto(f"{url}/new_experiment")
+        page.get_by_test_id("stSelectbox").filter(has_text="Start from a preset").click()
+        page.keyboard.type("meal_v2")  # the list is long: filter it as a user would
+        page.get_by_role("option", name="method meal_v2").click()
+        page.get_by_role("button", name="Load preset").click()
+        settle(page)
+        teachers = page.get_by_text("Further teachers").first
+        expect(teachers).to_be_visible()
+        teachers.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "new_experiment_meal_teachers.png"))
+        panel = page.get_by_test_id("stExpander").filter(has_text="Which student?")
+        panel.get_by_text("Which student?").click()
+        panel.get_by_role("button", name="Rank the candidates").click()
+        expect(panel.get_by_text("(measured;")).to_be_visible()
+        settle(page)
+        panel.screenshot(path=str(SHOTS / "new_experiment_diswot.png"))

@@ -70,13 +70,19 @@ def lines_figure(lines: list[tuple[str, pd.DataFrame]], *, title: str, y_title: 
         color = charts._hue(i / max(len(lines), 1))
         x = df["epoch"].astype(int) + 1
         if (df["count"] > 1).any():
-            fig.add_trace(go.Scatter(x=list(x) + list(x[::-1]), y=list(df["max"]) + list(df["min"][::-1]), fill="toself",
+            fig.add_trace(go.Scatter(x=list(x) + list(x[::-1]), y=list(df["max"]) + list(df["min"][::-1]), fill="toself", mode="lines",
                                      fillcolor=charts.rgba(color, charts.FAINT_OPACITY), line={"width": 0}, hoverinfo="skip",
                                      showlegend=False, name=f"{name} min–max"))
         fig.add_trace(go.Scatter(x=x, y=df["value"], mode="lines+markers", name=name,
                                  line={"color": color, "width": charts.LINE_WIDTH}, marker={"size": 8}))
     charts.style(fig, title, subtitle=subtitle, height=400, x_title="epoch", y_title=y_title)
     charts.legend_below(fig, [n for n, _ in lines], 400)
+    return _whole_epochs(fig, max((len(df) for _, df in lines), default=0))
+
+
+def _whole_epochs(fig: go.Figure, epochs: int) -> go.Figure:
+    """Epochs are whole numbers: no 1.5 tick on a short run."""
+    fig.update_xaxes(dtick=1 if epochs <= 20 else None)
     return fig
 
 
@@ -86,7 +92,7 @@ def band_figure(low: pd.DataFrame, mid: pd.DataFrame, high: pd.DataFrame, extra:
     fig = go.Figure()
     color = charts.role_color("student")
     x = low["epoch"].astype(int) + 1
-    fig.add_trace(go.Scatter(x=list(x) + list(x[::-1]), y=list(high["value"]) + list(low["value"][::-1]), fill="toself",
+    fig.add_trace(go.Scatter(x=list(x) + list(x[::-1]), y=list(high["value"]) + list(low["value"][::-1]), fill="toself", mode="lines",
                              fillcolor=charts.rgba(color, 0.25), line={"width": 0}, name=band_name, hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=mid["epoch"].astype(int) + 1, y=mid["value"], mode="lines+markers", name=mid_name,
                              line={"color": color, "width": charts.LINE_WIDTH}, marker={"size": 8}))
@@ -95,7 +101,7 @@ def band_figure(low: pd.DataFrame, mid: pd.DataFrame, high: pd.DataFrame, extra:
                                  line={"color": charts._hue((i + 1) / (len(extra) + 1)), "width": 2, "dash": "dash"}))
     charts.style(fig, title, subtitle=subtitle, height=400, x_title="epoch", y_title=y_title)
     charts.legend_below(fig, [band_name, mid_name, *(n for n, _ in extra)], 400)
-    return fig
+    return _whole_epochs(fig, len(mid))
 
 
 # --------------------------------------------------------------------------- charts made for a method
@@ -117,11 +123,24 @@ def dho_charts(stats: dict[str, pd.DataFrame]) -> tuple[list[Chart], set[str]]:
                                               y_title="top-1 accuracy (%)", subtitle="evaluation split, after each epoch"),
                     "The CE head learns from the labels, the KD head from the teacher; the student predicts with their blend "
                     "at the α and T that scored best on the evaluation split."))
-    for key, label in knobs.items():
-        if key in stats:
-            out.append((key, lines_figure([(label, stats[key])], title=f"Blend: {label} per epoch", y_title=label),
-                        "α weighs the CE head (1 − α the KD head); T softens the KD head before blending."))
+    if any(k in stats for k in knobs):
+        out.append(("dho_blend", blend_figure(stats.get("dho_alpha"), stats.get("dho_temperature")),
+                    "α weighs the CE head (1 − α the KD head) and T softens the KD head before blending; both are chosen "
+                    "again after every epoch, on the evaluation split."))
     return out, set(heads) | set(knobs)
+
+
+def blend_figure(alpha: pd.DataFrame | None, temperature: pd.DataFrame | None) -> go.Figure:
+    """DHO's chosen α (left axis) and T (right axis) per epoch."""
+    fig = go.Figure()
+    for df, name, axis, color in ((alpha, "chosen α", "y", charts._hue(0.0)), (temperature, "chosen T", "y2", charts._hue(0.6))):
+        if df is not None:
+            fig.add_trace(go.Scatter(x=df["epoch"].astype(int) + 1, y=df["value"], mode="lines+markers", name=name, yaxis=axis,
+                                     line={"color": color, "width": charts.LINE_WIDTH, "dash": "dash" if axis == "y2" else None},
+                                     marker={"size": 8}))
+    charts.style(fig, "The blend chosen after each epoch: α and T", height=360, x_title="epoch", y_title="α")
+    fig.update_layout(yaxis2={"title": {"text": "T"}, "overlaying": "y", "side": "right", "showgrid": False})
+    return _whole_epochs(fig, max(len(df) for df in (alpha, temperature) if df is not None))
 
 
 def meal_charts(stats: dict[str, pd.DataFrame]) -> tuple[list[Chart], set[str]]:
