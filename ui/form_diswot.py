@@ -48,8 +48,8 @@ def rank(check: FormCheck, candidates: list[str]) -> dict[str, Any]:
         reason = "; ".join(f"{p}: {m}" for p, m in errors) if errors else str(exc)
         return {"error": reason}
     seconds = time.perf_counter() - started
-    table = pd.DataFrame([{"rank": c.rank, "student": c.arch, "DisWOT score": c.score, "relation": c.relation,
-                           "semantic": c.semantic, "parameters": c.params} for c in ranking.candidates])
+    table = pd.DataFrame([{"rank": c.rank, "student": c.arch, "DisWOT score": c.score, "parameters": c.params,
+                           "relation": c.relation, "semantic": c.semantic} for c in ranking.candidates])
     return {"table": table, "seconds": seconds, "teacher": config["teacher"]["arch"], "dataset": ranking.dataset,
             "repeats": ranking.repeats, "batch": ranking.batch_size}
 
@@ -85,13 +85,16 @@ def _result(result: dict[str, Any] | None) -> None:
         st.error(f"Could not rank: {result['error']}", icon=":material/error:")
         return
     table = result["table"]
+    # the panel sits in the narrow student column: the score's two parts come last (scroll right for them)
     st.dataframe(table, hide_index=True, column_config={
-        "DisWOT score": st.column_config.NumberColumn(format="%.4f", help="relation + semantic; higher = predicted to distil better"),
+        "rank": st.column_config.NumberColumn(width="small"),
+        "DisWOT score": st.column_config.NumberColumn(format="%.4f", help="relation + semantic; higher (closer to 0) = predicted to distil better"),
+        "parameters": st.column_config.NumberColumn(format="compact", help="for this dataset's input shape"),
         "relation": st.column_config.NumberColumn(format="%.4f", help="minus the distance between the two networks' sample-similarity matrices"),
-        "semantic": st.column_config.NumberColumn(format="%.4f", help="minus the distance between their classifier-gradient class Grams"),
-        "parameters": st.column_config.NumberColumn(format="%d", help="for this dataset's input shape")})
+        "semantic": st.column_config.NumberColumn(format="%.4f", help="minus the distance between their classifier-gradient class Grams")})
     st.caption(f"Ranked {len(table)} candidates for teacher **{result['teacher']}** on **{result['dataset']}** in "
                f"{result['seconds']:.2f} s (measured; {result['repeats']} repeats of a {result['batch']}-image batch).")
     top = str(table.iloc[0]["student"])
-    st.button(f"Use {top} as the student", key="mui_diswot_use", on_click=use_student, args=(top,), icon=":material/check:",
-              disabled=ss.get(f"{P}s_arch") == top, help="Sets the student architecture above to the best-ranked candidate.")
+    chosen = ss.get(f"{P}s_arch") == top
+    st.button(f"{top} is the student already" if chosen else f"Use {top} as the student", key="mui_diswot_use", on_click=use_student,
+              args=(top,), icon=":material/check:", disabled=chosen, help="Sets the student architecture above to the best-ranked candidate.")
