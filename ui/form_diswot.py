@@ -61,7 +61,8 @@ def use_student(arch: str) -> None:
 def diswot_panel(check: FormCheck) -> None:
     from kd_core.models import MODELS
 
-    with st.expander("Which student? (training-free ranking, DisWOT)"):
+    # a key keeps the panel open across reruns even when elements above it come and go (a "Loaded …" notice)
+    with st.expander("Which student? (training-free ranking, DisWOT)", key="mui_diswot_panel", expanded=RESULT_KEY in ss):
         st.caption("Scores each candidate student against the teacher architecture without training anything: both networks "
                    "get random weights and see the same batches; a student whose sample relations and class-gradient "
                    "structure look like the teacher's is predicted to distil better (higher score = better). "
