@@ -75,8 +75,11 @@ def lines_figure(lines: list[tuple[str, pd.DataFrame]], *, title: str, y_title: 
                                      showlegend=False, name=f"{name} min–max"))
         fig.add_trace(go.Scatter(x=x, y=df["value"], mode="lines+markers", name=name,
                                  line={"color": color, "width": charts.LINE_WIDTH}, marker={"size": 8}))
-    charts.style(fig, title, subtitle=subtitle, height=400, x_title="epoch", y_title=y_title)
-    charts.legend_below(fig, [n for n, _ in lines], 400)
+    charts.style(fig, title, subtitle=subtitle, height=400 if len(lines) > 1 else 330, x_title="epoch", y_title=y_title)
+    if len(lines) > 1:
+        charts.legend_below(fig, [n for n, _ in lines], 400)
+    else:
+        fig.update_layout(showlegend=False, margin={"b": 60})  # the title names the one line
     return _whole_epochs(fig, max((len(df) for _, df in lines), default=0))
 
 
@@ -97,8 +100,10 @@ def band_figure(low: pd.DataFrame, mid: pd.DataFrame, high: pd.DataFrame, extra:
     fig.add_trace(go.Scatter(x=mid["epoch"].astype(int) + 1, y=mid["value"], mode="lines+markers", name=mid_name,
                              line={"color": color, "width": charts.LINE_WIDTH}, marker={"size": 8}))
     for i, (name, df) in enumerate(extra):
+        grey = name in ("lowest", "highest")
         fig.add_trace(go.Scatter(x=df["epoch"].astype(int) + 1, y=df["value"], mode="lines", name=name,
-                                 line={"color": charts._hue((i + 1) / (len(extra) + 1)), "width": 2, "dash": "dash"}))
+                                 line={"color": "#888888" if grey else charts._hue((i + 1) / (len(extra) + 1)),
+                                       "width": 1 if grey else 2, "dash": "dot" if grey else "dash"}))
     charts.style(fig, title, subtitle=subtitle, height=400, x_title="epoch", y_title=y_title)
     charts.legend_below(fig, [band_name, mid_name, *(n for n, _ in extra)], 400)
     return _whole_epochs(fig, len(mid))
@@ -160,14 +165,16 @@ def tgeo_charts(stats: dict[str, pd.DataFrame]) -> tuple[list[Chart], set[str]]:
     if not all(k in stats for k in ("tgeo_alpha_p10", "tgeo_alpha_p50", "tgeo_alpha_p90")):
         return [], set()
     extra = _named(stats, {"tgeo_alpha_mean_teacher_right": "mean α where the teacher is right",
-                           "tgeo_alpha_mean_teacher_wrong": "mean α where the teacher is wrong"})
+                           "tgeo_alpha_mean_teacher_wrong": "mean α where the teacher is wrong",
+                           "tgeo_alpha_min": "lowest", "tgeo_alpha_max": "highest"})
     fig = band_figure(stats["tgeo_alpha_p10"], stats["tgeo_alpha_p50"], stats["tgeo_alpha_p90"], extra,
                       title="α per training sample over the epochs", y_title="α (weight of the KD term)",
                       band_name="10th–90th percentile", mid_name="median",
                       subtitle="over every training sample seen in the epoch")
-    used = {"tgeo_alpha_p10", "tgeo_alpha_p50", "tgeo_alpha_p90", "tgeo_alpha_mean_teacher_right", "tgeo_alpha_mean_teacher_wrong"}
+    used = {"tgeo_alpha_p10", "tgeo_alpha_p50", "tgeo_alpha_p90", "tgeo_alpha_mean_teacher_right", "tgeo_alpha_mean_teacher_wrong",
+            "tgeo_alpha_min", "tgeo_alpha_max"}
     return [("tgeo_alpha", fig, "TGeo-KD learns a per-sample α: each sample's loss is α·KD + (1 − α)·CE. A wide band means "
-             "the samples are weighed differently.")], used
+             "the samples are weighed differently; the dotted grey lines are the lowest and highest α of the epoch.")], used
 
 
 def ofa_charts(stats: dict[str, pd.DataFrame]) -> tuple[list[Chart], set[str]]:
