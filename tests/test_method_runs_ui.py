@@ -135,7 +135,14 @@ def test_ofa_draws_one_accuracy_line_per_branch(trained):
     assert {"branch on stage 1", "branch on stage 2", "student (final logits)"} <= {t["name"] for t in fig["data"]}
 
 
-@pytest.mark.parametrize(("method", "key"), [("lelp", "lelp_subclass_agreement"), ("random_teacher", "probe_top1"),
+def test_random_teacher_draws_the_students_and_the_teachers_readouts(trained):
+    store, run = trained["store"], trained["runs"]["random_teacher"]
+    fig = figures(method_tab(run.id))["What the embeddings know: student vs the random teacher"]
+    assert values(trace(fig, "student, linear probe")["y"]) == pytest.approx(metric(store, run, "val/probe_top1"))
+    assert {"student, k-NN", "random teacher, linear probe", "random teacher, k-NN"} <= {t["name"] for t in fig["data"]}
+
+
+@pytest.mark.parametrize(("method", "key"), [("lelp", "lelp_subclass_agreement"), ("random_teacher", "random_teacher_kl"),
                                              ("mixup_kd", "mixup_mixed_fraction"), ("reviewkd", "reviewkd_hcl")])
 def test_other_methods_draw_their_logged_values_as_lines(trained, method, key):
     assert key in figures(method_tab(trained["runs"][method].id))

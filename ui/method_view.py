@@ -189,8 +189,20 @@ def ofa_charts(stats: dict[str, pd.DataFrame]) -> tuple[list[Chart], set[str]]:
              "early stages usually score lower.")], set(accs)
 
 
+def random_teacher_charts(stats: dict[str, pd.DataFrame]) -> tuple[list[Chart], set[str]]:
+    readouts = {"probe_top1": "student, linear probe", "knn_top1": "student, k-NN",
+                "teacher_probe_top1": "random teacher, linear probe", "teacher_knn_top1": "random teacher, k-NN"}
+    lines = _named(stats, readouts)
+    if not lines:
+        return [], set()
+    fig = lines_figure(lines, title="What the embeddings know: student vs the random teacher", y_title="top-1 accuracy (%)",
+                       subtitle="a linear probe and a k-NN classifier on each embedding, evaluation split")
+    return [("random_teacher_readouts", fig, "The student never sees a label; these classifiers, fitted on its embedding after "
+             "each epoch, show what it learned. The teacher's lines are the same readouts of the frozen random teacher.")], set(readouts)
+
+
 CHARTS: dict[str, Callable[[dict[str, pd.DataFrame]], tuple[list[Chart], set[str]]]] = {
-    "dho": dho_charts, "meal_v2": meal_charts, "tgeo_kd": tgeo_charts, "ofa": ofa_charts,
+    "dho": dho_charts, "meal_v2": meal_charts, "tgeo_kd": tgeo_charts, "ofa": ofa_charts, "random_teacher": random_teacher_charts,
 }
 
 
