@@ -13,7 +13,7 @@ from pathlib import Path
 import streamlit as st
 import yaml
 
-from ui import artifacts, charts, metrics, results
+from ui import artifacts, charts, metrics, method_view, results
 from ui import state as ui_state
 from ui.badges import (
     duration_text,
@@ -151,6 +151,9 @@ def summary_block(run) -> None:
                    delta=None if gain is None else ("distillation helped" if gain > 0 else "no gain"),
                    delta_color="normal" if gain is None or gain > 0 else "inverse", delta_arrow="off",
                    help="Student (best) minus baseline (best), in percentage points: what distillation added.")
+    ensemble = method_view.teacher_ensemble_line(s)
+    if ensemble:
+        st.caption(ensemble)
     comp = s.get("compression")
     if s.get("student_params"):
         st.caption(f"Student: {s['student_params']:,} parameters, teacher: {s.get('teacher_params', 0):,}"
@@ -303,6 +306,8 @@ TABS = {
     ":material/settings: Config": config_tab, ":material/description: Log": log_tab, ":material/download: Downloads": downloads_tab,
 }
 
+METHOD_TAB = ":material/school: Method"  # only for runs whose config has a method
+
 
 def body(store, run) -> None:
     header(store, run)
@@ -316,7 +321,10 @@ def body(store, run) -> None:
     elif run.status == "cancelled":
         st.warning("This run was cancelled. **Resume** continues from its last checkpoint.")
     summary_block(run)
-    for tab, render in zip(st.tabs(list(TABS), key="rd_tab", on_change="rerun"), TABS.values()):
+    tabs = dict(TABS)
+    if (run.config or {}).get("method"):
+        tabs = {**dict(list(TABS.items())[:2]), METHOD_TAB: method_view.method_tab, **dict(list(TABS.items())[2:])}
+    for tab, render in zip(st.tabs(list(tabs), key="rd_tab", on_change="rerun"), tabs.values()):
         if tab.open is not False:
             with tab:
                 render(store, run)

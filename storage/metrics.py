@@ -297,6 +297,22 @@ class MetricsMixin:
             records = conn.execute(stmt).all()
         return _typed_frame(records, FRAME_COLUMNS)
 
+    def metric_epoch_stats(self, run_id: int, keys: Sequence[str], phase: str) -> pd.DataFrame:
+        """Per (key, epoch) of one phase: mean, min, max and number of rows (columns key, epoch, value, min, max, count).
+
+        Aggregated in SQL so a per-step value of a long run comes back as one row per epoch."""
+        stmt = (
+            select(metrics.c.key, metrics.c.epoch, func.avg(metrics.c.value), func.min(metrics.c.value),
+                   func.max(metrics.c.value), func.count())
+            .where(metrics.c.run_id == run_id, metrics.c.phase == phase, metrics.c.key.in_(_as_str_list(keys)))
+            .group_by(metrics.c.key, metrics.c.epoch)
+            .order_by(metrics.c.key, metrics.c.epoch)
+        )
+        with self.engine.connect() as conn:
+            records = conn.execute(stmt).all()
+        frame = pd.DataFrame(records, columns=["key", "epoch", "value", "min", "max", "count"])
+        return frame.astype({"key": "object", "epoch": "int64", "value": "float64", "min": "float64", "max": "float64", "count": "int64"})
+
     def count_metrics(self, run_id: int) -> int:
         """Number of metric rows stored for the run."""
         stmt = select(func.count()).select_from(metrics).where(metrics.c.run_id == run_id)

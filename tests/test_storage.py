@@ -725,3 +725,17 @@ def test_pre_aggregated_buckets_equal_the_raw_rows_through_appends_and_resumes(s
     store.delete_run(run_id)
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM metric_rollups")).scalar_one() == 0
+
+
+def test_epoch_stats_aggregate_a_per_step_value_per_epoch(store) -> None:
+    """The Method tab's per-epoch view of a per-step value: mean, min, max and count of each epoch's rows."""
+    run_id = store.create_run("stats", {})
+    rows = [{"phase": "student", "step": s, "epoch": s // 4, "key": "mix", "value": float(s), "time": 1e9 + s} for s in range(8)]
+    rows += [{"phase": "student", "step": 3, "epoch": 0, "key": "val/acc", "value": 50.0, "time": 1e9},
+             {"phase": "baseline", "step": 3, "epoch": 0, "key": "mix", "value": 99.0, "time": 1e9}]
+    store.append_metrics(run_id, rows)
+    stats = store.metric_epoch_stats(run_id, ["mix", "val/acc"], "student")
+    mix = stats[stats["key"] == "mix"]
+    assert mix["epoch"].tolist() == [0, 1] and mix["value"].tolist() == [1.5, 5.5]
+    assert mix["min"].tolist() == [0.0, 4.0] and mix["max"].tolist() == [3.0, 7.0] and mix["count"].tolist() == [4, 4]
+    assert stats[stats["key"] == "val/acc"][["epoch", "value", "count"]].values.tolist() == [[0, 50.0, 1]]

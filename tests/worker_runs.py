@@ -32,3 +32,22 @@ def train_in_worker(config: ExperimentConfig, tmp_path: Path, monkeypatch: pytes
 
 def metric(store: Store, run: RunRecord, key: str, phase: str = "student") -> list[Any]:
     return store.metric_series(run.id, key, phase)["value"].tolist()
+
+
+def train_many_in_worker(configs: list[ExperimentConfig | dict[str, Any]], home: Path, mp: pytest.MonkeyPatch,
+                         slots: int = 1) -> tuple[Store, list[RunRecord]]:
+    """Queue every config on one SQLite queue under ``home`` (the layout ``tests.test_browser.serve`` uses, so a
+    server can show the runs afterwards); ``slots`` workers at a time train them. Returns the finished runs."""
+    mp.setenv("DISTILLERY_DB_URL", f"sqlite:///{home / 'distillery.db'}")
+    mp.setenv("DISTILLERY_HOME", str(home))
+    mp.setenv("DISTILLERY_ARTIFACTS", str(home / "artifacts"))
+    mp.setenv("DISTILLERY_EXECUTOR", "local")
+    mp.setenv("DISTILLERY_SLOTS", str(slots))
+    store = Store(None)
+    ids = [submit(store, config) for config in configs]
+    done = ("completed", "failed", "cancelled")
+    wait_for(store, f"runs {ids} to finish", lambda: all(store.get_run(i).status in done for i in ids), FINISH_TIMEOUT_S * 2)
+    runs = [store.get_run(i) for i in ids]
+    failed = [(r.name, r.error) for r in runs if r.status != "completed"]
+    assert not failed, failed
+    return store, runs

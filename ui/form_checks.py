@@ -18,6 +18,7 @@ from typing import Any
 import streamlit as st
 
 from kd_core.settings import path_error, resolve_path
+from ui import form_teachers
 from ui.form_fields import FIELDS, FLOAT, INT, MAX_INT, OPT_INT, TEXT_KEYS, P, lookup
 from ui.form_state import state_to_config
 
@@ -50,19 +51,29 @@ def check_form(s: Mapping[str, Any], store: Any, upload_error: str | None = None
     check.add(source_problems)
     root_problems = root_path_problems(config)
     check.add(root_problems)
+    ensemble_problems, ensemble_weights = form_teachers.source_problems(s)
+    check.add(ensemble_problems)
     try:  # weights named by a file or a run are checked below, cached and after the path checks: a stand-in here
         borrowed = s.get(f"{P}t_src") in ("file", "upload", "run")
-        check.valid = validate_config({**config, "teacher": {**config["teacher"], "source": "random"}} if borrowed else config)
+        stand_in = {**config, "teacher": {**config["teacher"], "source": "random"}} if borrowed else dict(config)
+        stand_ins = form_teachers.borrowed(s)
+        stand_in["teachers"] = [{**t, "source": "random"} if i in stand_ins else t for i, t in enumerate(config["teachers"])]
+        check.valid = validate_config(stand_in)
     except ConfigError as exc:
         check.add(exc.errors)
     if weights is not None and not any(p.startswith(("teacher.arch", "dataset.")) for p in check.errors):
         check.add(weight_problems(weights, config, store))
+    for i, found in ensemble_weights.items():
+        if not any(p.startswith((f"teachers[{i}].arch", "dataset.")) for p in check.errors):
+            check.add(weight_problems(found, config, store, where=f"teachers[{i}]"))
     if not root_problems:
         check.add(dataset_file_notes(config), into=check.notes)
     if check.errors:
         check.valid = None
     elif check.valid is not None:
         check.valid.teacher.source = config["teacher"]["source"]
+        for teacher, typed in zip(check.valid.teachers, config["teachers"]):
+            teacher.source = typed["source"]
     return check
 
 
@@ -157,45 +168,50 @@ def teacher_source_problems(s: Mapping[str, Any], upload_error: str | None) -> t
 # --------------------------------------------------------------------------- teacher weights
 
 
-def weight_problems(weights: Path | int, config: Mapping[str, Any], store: Any) -> list[tuple[str, str]]:
-    """Weights from a file or an earlier run must load and fit the teacher architecture and the dataset."""
+def weight_problems(weights: Path | int, config: Mapping[str, Any], store: Any, where: str = "teacher") -> list[tuple[str, str]]:
+    """Weights from a file or an earlier run must load and fit the teacher architecture and the dataset.
+
+    ``where`` is the teacher's config path: "teacher", or "teachers[i]" for a further teacher of an ensemble."""
     from kd_core.teachers import TeacherUnavailable, run_teachers_in
 
+    arch = str(lookup(config, "teacher.arch") if where == "teacher" else config["teachers"][int(where[9:-1])]["arch"])
     problems: list[tuple[str, str]] = []
     path = weights
     if isinstance(weights, int):
-        problems = earlier_run_problems(weights, config, store)
+        problems = earlier_run_problems(weights, config, store, where, arch)
         if problems:
             return problems
         try:
             path = run_teachers_in(store)(weights)
         except TeacherUnavailable as exc:
-            return [("teacher.source", str(exc))]
+            return [(f"{where}.source", str(exc).removeprefix("teacher.source: "))]
     from ui.forms import dataset_shape
 
     shape = dataset_shape(config["dataset"]["name"], config["dataset"].get("image_size"))
     try:
         mtime = Path(path).stat().st_mtime
     except OSError as exc:
-        return [("teacher.source", f"cannot read {Path(path).name}: {exc.strerror}")]
-    error = checkpoint_problem(str(path), mtime, str(config["teacher"]["arch"]), *shape)
-    return [("teacher.source", error)] if error else []
+        return [(f"{where}.source", f"cannot read {Path(path).name}: {exc.strerror}")]
+    error = checkpoint_problem(str(path), mtime, arch, *shape)
+    return [(f"{where}.source", error)] if error else []
 
 
-def earlier_run_problems(run_id: int, config: Mapping[str, Any], store: Any) -> list[tuple[str, str]]:
+def earlier_run_problems(run_id: int, config: Mapping[str, Any], store: Any, where: str = "teacher",
+                         arch: str | None = None) -> list[tuple[str, str]]:
     """Friendlier reasons than a shape mismatch: another dataset, another architecture, not finished."""
+    arch = config["teacher"]["arch"] if arch is None else arch
     try:
         run = store.get_run(run_id)
     except KeyError:
-        return [("teacher.source", f"run {run_id} does not exist (any more)")]
+        return [(f"{where}.source", f"run {run_id} does not exist (any more)")]
     teacher, data = (run.config or {}).get("teacher") or {}, (run.config or {}).get("dataset") or {}
     problems = []
     if run.status != "completed":
-        problems.append(("teacher.source", f"run {run_id} is {run.status}, not completed"))
-    if teacher.get("arch") and teacher["arch"] != config["teacher"]["arch"]:
-        problems.append(("teacher.arch", f"run {run_id}'s teacher is a {teacher['arch']}; set the teacher architecture to it"))
+        problems.append((f"{where}.source", f"run {run_id} is {run.status}, not completed"))
+    if teacher.get("arch") and teacher["arch"] != arch:
+        problems.append((f"{where}.arch", f"run {run_id}'s teacher is a {teacher['arch']}; set this teacher's architecture to it"))
     if data.get("name") and data["name"] != config["dataset"]["name"]:
-        problems.append(("teacher.source", f"run {run_id}'s teacher was trained on {data['name']}, not {config['dataset']['name']}"))
+        problems.append((f"{where}.source", f"run {run_id}'s teacher was trained on {data['name']}, not {config['dataset']['name']}"))
     return problems
 
 

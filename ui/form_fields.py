@@ -58,7 +58,6 @@ SECTIONS = ("dataset", "teacher", "student", "analysis", "teacher.optimizer", "t
             "student.scheduler")
 NO_METHOD = "none"
 NOT_IN_FORM = {  # fields the form cannot edit: a config that uses them is refused by name, never loaded without them
-    "teachers": "ensembles of teachers are not in the form yet: launch this config with `python -m kd_core run FILE`",
     "sweep": "this config is a sweep (several runs): launch it with `python -m kd_core sweep FILE`",
 }
 TEXT_KEYS = tuple(f.key for f in FIELDS if f.kind == TEXT) + ("t_src_file", "t_milestones", "s_milestones")

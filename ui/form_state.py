@@ -30,6 +30,7 @@ from ui.form_fields import (
     put,
     whole,
 )
+from ui.form_teachers import teachers_from_state, teachers_to_state
 from ui.form_recipe import (
     method_from_state,
     method_to_state,
@@ -114,7 +115,8 @@ def config_to_state(config: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]
     state.update(source_state)
     method_state, method_problems = method_to_state(config.get("method"))
     recipe_state, recipe_problems = recipe_to_state(config.get("recipe", MISSING))
-    return {**state, **method_state, **recipe_state}, problems + method_problems + recipe_problems
+    ensemble_state, ensemble_problems = teachers_to_state(config.get("teachers"))
+    return {**state, **method_state, **recipe_state, **ensemble_state}, problems + method_problems + recipe_problems + ensemble_problems
 
 
 def _not_in_form(config: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -160,7 +162,8 @@ def state_to_config(s: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[st
     config["teacher"] = {"arch": config["teacher"].pop("arch"), "source": teacher_source(s), **config["teacher"]}
     config["recipe"], recipe_problems = recipe_from_state(s)
     config["method"], method_problems = method_from_state(s)
-    return config, problems + recipe_problems + method_problems
+    config["teachers"], ensemble_problems = teachers_from_state(s)
+    return config, problems + recipe_problems + method_problems + ensemble_problems
 
 
 def parse_milestones(text: Any) -> tuple[list[int], str]:

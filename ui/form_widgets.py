@@ -65,8 +65,27 @@ def dataset_section(check: FormCheck) -> None:
     show_problems(check, "dataset")
 
 
-def _arch_label(name: str) -> str:
-    return f"{name} — {MODELS[name].description}" if name in MODELS else f"{name} (unknown)"
+def _shape() -> tuple[int, int, int]:
+    """(classes, channels, image size) of the form's dataset, for parameter counts."""
+    size = ss.get(f"{P}ds_image_size")
+    size = int(size) if isinstance(size, (int, float)) and float(size).is_integer() and 0 < size <= 1024 else None
+    return forms.dataset_shape(str(ss.get(f"{P}ds_name")), size)
+
+
+def _arch_label(name: str, shape: tuple[int, int, int]) -> str:
+    if name not in MODELS:
+        return f"{name} (unknown)"
+    count = forms.arch_param_counts(*shape).get(name)
+    size = f"{count_text(count)} parameters" if count is not None else "does not fit this dataset's images"
+    return f"{name} — {size} · {MODELS[name].description}"
+
+
+def arch_select(key: str, label: str = "Architecture", on_change=None) -> None:
+    """An architecture selectbox; each option shows its parameter count for the form's dataset."""
+    shape = _shape()  # bound now: a format function must not read the session state later
+    classes, channels, size = shape
+    st.selectbox(label, options_with(list(MODELS), ss.get(key)), key=key, format_func=lambda n: _arch_label(n, shape), on_change=on_change,
+                 help=HELP["arch"] + f" Parameter counts are for this dataset: {channels}×{size}×{size} inputs, {classes} classes.")
 
 
 def model_section(check: FormCheck, role: str, disabled: bool = False) -> None:
@@ -99,10 +118,12 @@ def model_section(check: FormCheck, role: str, disabled: bool = False) -> None:
 
 
 def architecture(check: FormCheck, role: str, on_change=None) -> None:
-    key = f"{P}{role[0]}_arch"
-    st.selectbox("Architecture", options_with(list(MODELS), ss.get(key)), key=key, format_func=_arch_label,
-                 help=HELP["arch"], on_change=on_change)
+    arch_select(f"{P}{role[0]}_arch", on_change=on_change)
     show_problems(check, f"{role}.arch")
+    if role == "student":
+        from ui.form_diswot import diswot_panel
+
+        diswot_panel(check)
 
 
 def teacher_weights(check: FormCheck, store: Any, on_run_chosen) -> str:
@@ -188,9 +209,14 @@ def method_section(check: FormCheck) -> None:
         defaults = ", ".join(f"{k}={v}" for k, v in info["params"].items())
         c[1].text_input("Method parameters (YAML)", key=f"{P}method_params", placeholder=f"defaults: {defaults}" if defaults else "none",
                         help="Only the parameters to change, as a YAML mapping; the others keep their defaults.")
-        st.caption(" ".join(part for part in (info["summary"], f"*{info['paper']}*" if info.get("paper") else "",
+        paper = f"[{info['paper']}]({info['paper_url']})" if info.get("paper_url") else f"*{info['paper']}*" if info.get("paper") else ""
+        st.caption(" ".join(part for part in (info["summary"], f"Paper: {paper}." if paper else "",
                                               f"Note: {info['caveat']}" if info.get("caveat") else "") if part))
     show_problems(check, "method", prefix=True)
+    if (name in METHODS and METHODS[name].takes_teachers) or ss.get(f"{P}ens_ids"):
+        from ui.form_ensemble import ensemble_section
+
+        ensemble_section(check, str(name), lambda key, label: arch_select(key, label))
 
 
 def _term(check: FormCheck, i: int, uid: int, catalogue: dict, on_remove) -> None:

@@ -8,6 +8,7 @@ The fields are in ``ui.form_fields``, the state <-> config conversion in ``ui.fo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,26 @@ def param_count(arch: str, num_classes: int, in_channels: int, image_size: int) 
         return count_parameters(create_model(arch, num_classes, in_channels, image_size))
     except Exception:  # noqa: BLE001 - e.g. an input too small for the net: the config check reports it at launch
         return None
+
+
+@functools.lru_cache(maxsize=16)
+def arch_param_counts(num_classes: int, in_channels: int, image_size: int) -> dict[str, int | None]:
+    """Every architecture's parameter count for this input shape (None where it cannot be built for it).
+
+    Built on the meta device: shapes only, no memory and no initialisation, so the whole zoo takes about a second;
+    kept per process, since a count depends on nothing but the architecture and the shape."""
+    import torch
+
+    from kd_core.models import MODELS, count_parameters, create_model
+
+    counts: dict[str, int | None] = {}
+    for arch in MODELS:
+        try:
+            with torch.device("meta"):
+                counts[arch] = count_parameters(create_model(arch, num_classes, in_channels, image_size))
+        except Exception:  # noqa: BLE001 - an input too small for the net: the config check says so at launch
+            counts[arch] = None
+    return counts
 
 
 def trained_teacher_runs(store) -> list[Any]:
