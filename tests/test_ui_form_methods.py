@@ -101,3 +101,25 @@ def test_diswot_ranks_two_candidates_and_uses_the_top_one(app_store):
     top = table["student"].iloc[0]
     at.button(key="mui_diswot_use").click().run()
     assert at.selectbox(key="nx_s_arch").value == top
+
+
+def test_checking_the_diswot_ranking_queues_one_run_per_top_candidate_with_one_teacher(app_store):
+    from storage import Store
+
+    config = yaml.safe_load(TINY_YAML)
+    config["teacher"]["source"] = "train"
+    at = new_experiment()
+    paste_yaml(at, yaml.safe_dump(config))
+    at.multiselect(key="nx_diswot_candidates").set_value(["cnn_tiny", "lenet5", "mlp", "resnet8"]).run()
+    at.button(key="mui_diswot_rank").click().run()
+    ranked = list(at.dataframe[-1].value["student"])
+    at.button(key="mui_diswot_verify").click().run()
+    assert not at.exception, at.exception
+    store = Store(None)
+    (sweep,) = store.list_sweeps()
+    assert sweep.name == "DisWOT check: " + " > ".join(ranked[:3])  # the predicted order, to read the results against
+    runs = sorted(store.list_runs(sweep_id=sweep.id, include_hidden=True), key=lambda r: r.id)
+    assert [r.config["student"]["arch"] for r in runs] == ranked[:3]
+    assert all(r.config["student"]["epochs"] == config["student"]["epochs"] for r in runs)  # the form's settings, as typed
+    assert [r.config["teacher"]["source"] for r in runs] == ["train"] + [f"run:{runs[0].id}"] * 2  # one teacher, shared
+    store.dispose()

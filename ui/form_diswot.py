@@ -8,6 +8,7 @@ before the form changed says so. "Use" sets the student architecture (in a callb
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ DEFAULT_CANDIDATES = ("cnn_tiny", "lenet5", "resnet8", "mlp")
 CANDIDATES_KEY = f"{P}diswot_candidates"
 RESULT_KEY = "_diswot_result"  # not an nx_ key: a ranking is not part of the form's config
 REPEATS, BATCH = 3, 64
+VERIFY_TOP = 3  # candidates trained by "Check the ranking"
 
 
 def ranking_config(check: FormCheck) -> dict[str, Any]:
@@ -58,6 +60,27 @@ def use_student(arch: str) -> None:
     ss[f"{P}s_arch"] = arch
 
 
+def verification_sweep(config: dict[str, Any], ranked: list[str]) -> dict[str, Any]:
+    """The form's config as a sweep over the student architecture, one run per ranked candidate, named by the
+    predicted order so the Sweeps page can be read against it."""
+    return {**copy.deepcopy(config), "name": "DisWOT check: " + " > ".join(ranked), "sweep": {"student.arch": list(ranked)}}
+
+
+def verify(check: FormCheck, ranked: list[str]) -> None:
+    """Queue the verification sweep (the teacher trained once, shared) and open the Sweeps page on it."""
+    from kd_core.config import ConfigError
+    from kd_core.sweeps import submit_sweep
+    from ui.state import flash, get_store
+
+    try:
+        sweep_id = submit_sweep(get_store(), verification_sweep(check.config, ranked))
+    except ConfigError as exc:
+        st.error("Not launched:\n" + "\n".join(f"- `{path}`: {msg}" for path, msg in exc.errors), icon=":material/error:")
+        return
+    flash(f"Launched sweep #{sweep_id}: a short run of each of {', '.join(ranked)}.")
+    st.switch_page("pages/sweep.py", query_params={"sweep": str(sweep_id)})
+
+
 def diswot_panel(check: FormCheck) -> None:
     from kd_core.models import MODELS
 
@@ -76,10 +99,10 @@ def diswot_panel(check: FormCheck) -> None:
                      help=f"{REPEATS} repeats of one {BATCH}-image batch of the training split, on the CPU."):
             with st.spinner("Ranking…"):
                 ss[RESULT_KEY] = rank(check, candidates)
-        _result(ss.get(RESULT_KEY))
+        _result(ss.get(RESULT_KEY), check)
 
 
-def _result(result: dict[str, Any] | None) -> None:
+def _result(result: dict[str, Any] | None, check: FormCheck) -> None:
     if not result:
         return
     if "error" in result:
@@ -99,3 +122,11 @@ def _result(result: dict[str, Any] | None) -> None:
     chosen = ss.get(f"{P}s_arch") == top
     st.button(f"{top} is the student already" if chosen else f"Use {top} as the student", key="mui_diswot_use", on_click=use_student,
               args=(top,), icon=":material/check:", disabled=chosen, help="Sets the student architecture above to the best-ranked candidate.")
+    ranked = [str(a) for a in table["student"].head(VERIFY_TOP)]
+    epochs = check.config["student"].get("epochs")
+    if st.button(f"Check the ranking: train the top {len(ranked)}", key="mui_diswot_verify", icon=":material/fact_check:",
+                 disabled=bool(check.errors) or len(ranked) < 2,
+                 help=f"One run per candidate with this form's settings ({epochs} student epochs: lower them above for a "
+                      "quicker check), as a sweep over the student architecture: the teacher is trained once and shared. "
+                      "The Sweeps page then shows whether the measured order matches the predicted one."):
+        verify(check, ranked)
