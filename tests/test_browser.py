@@ -126,6 +126,16 @@ def type_into(page, label: str, value: str, nth: int = 0) -> None:
     settle(page)
 
 
+def wait_until_finished(page):
+    """After Launch: the Run detail page's header once the run has ended (it polls while the run is live)."""
+    from playwright.sync_api import expect
+
+    page.wait_for_url("**/run_detail**")
+    header = page.get_by_test_id("stMarkdownContainer").filter(has_text="· dataset").first
+    expect(header).to_contain_text(re.compile("completed|failed|cancelled"), timeout=600_000)
+    return header
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory):
     with serve(tmp_path_factory.mktemp("browser")) as served:
@@ -152,9 +162,7 @@ def test_launch_the_digits_preset_and_watch_the_run_complete(app_url) -> None:
         expect(launch).to_be_enabled()
         launch.click()
 
-        page.wait_for_url("**/run_detail**")
-        header = page.get_by_test_id("stMarkdownContainer").filter(has_text="· dataset").first
-        expect(header).to_contain_text(re.compile("completed|failed|cancelled"), timeout=600_000)
+        header = wait_until_finished(page)
         page.screenshot(path=str(SHOTS / "run_detail_finished.png"))
         expect(header).to_contain_text("completed")
         expect(page.get_by_text("KD gain").first).to_be_visible()

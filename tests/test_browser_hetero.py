@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.test_browser import SHOTS, browser_page, serve, settle, type_into
+from tests.test_browser import SHOTS, browser_page, serve, settle, type_into, wait_until_finished
 
 pytestmark = pytest.mark.browser
 VIT = "timm:vit_tiny_patch16_224"
@@ -42,10 +42,7 @@ def test_a_vit_teacher_and_a_cnn_student_launched_from_the_form_show_cka_across_
         expect(launch).to_be_enabled()
         launch.click()
 
-        page.wait_for_url("**/run_detail**")
-        header = page.get_by_test_id("stMarkdownContainer").filter(has_text="· dataset").first
-        expect(header).to_contain_text(re.compile("completed|failed|cancelled"), timeout=600_000)
-        expect(header).to_contain_text("completed")
+        expect(wait_until_finished(page)).to_contain_text("completed")
         run_id = int(re.search(r"run=(\d+)", page.url).group(1))
 
         from storage import Store
