@@ -141,13 +141,17 @@ def _source_errors(config: ExperimentConfig, teacher: TeacherConfig, where: str,
 def _timm_source_errors(config: ExperimentConfig, teacher: TeacherConfig, where: str) -> Errors:
     """``source: timm`` needs a timm: arch with weights timm can adapt, and their file on this machine (checked now, before any work)."""
     from kd_core.teachers import TeacherUnavailable
-    from kd_core.timm_pretrained import find_weights, source_problem
+    from kd_core.timm_pretrained import checked_weights, source_problem
 
-    problem = source_problem(teacher.arch, config.dataset.image_size or DATASETS[config.dataset.name].image_size)
+    info = DATASETS[config.dataset.name]
+    size = config.dataset.image_size or info.image_size
+    problem = source_problem(teacher.arch, size)
     if problem:
         return [(f"{where}.source", problem)]
     try:
-        find_weights(teacher.arch)
+        # the classifier is left out of the check, so any class count builds a model to check against
+        model = create_model(teacher.arch, num_classes_of(config.dataset.name, config.dataset.classes) or 2, info.in_channels, size)
+        checked_weights(model, teacher.arch, size)
     except TeacherUnavailable as exc:
         return [(f"{where}.source", str(exc).removeprefix("teacher.source: "))]
     return []

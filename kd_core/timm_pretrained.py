@@ -104,14 +104,45 @@ class _TimmWarnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def load_pretrained(model: nn.Module, arch: str, num_classes: int, in_channels: int, image_size: int) -> None:
-    """Fill ``model`` (built by create_model for ``arch``) with timm's pretrained weights, adapted by timm."""
-    from kd_core.timm_models import build
+def _key_mismatch(model: nn.Module, path: Path, arch: str) -> None:
+    """Refuse a file that lacks tensors of ``model`` (bar its new classifier), or holds tensors ``model`` does not.
 
+    timm loads non-strictly once it has dropped the ImageNet head, so a file of another model, or a truncated
+    one, would otherwise leave part of the teacher at its random init without a word.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from kd_core.models import feature_spec
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            in_file = set(file.keys())
+    except SafetensorError as exc:
+        raise TeacherUnavailable(f"teacher.source: {path} is not a valid safetensors file ({exc})") from None
+    head = feature_spec(model).classifier + "."
+    ours = {k for k in model.state_dict() if not k.startswith(head)}
+    missing, unexpected = sorted(ours - in_file), sorted(k for k in in_file - ours if not k.startswith(head))
+    if missing or unexpected:
+        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{'…' if len(keys) > 3 else ''}"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise TeacherUnavailable(f"teacher.source: {path.name} does not hold timm's {arch} weights ({detail})")
+
+
+def checked_weights(model: nn.Module, arch: str, image_size: int) -> Path:
+    """The weights file for ``model`` (``arch`` at ``image_size``), refused unless timm can load all of it."""
     problem = source_problem(arch, image_size)
     if problem:
         raise TeacherUnavailable(f"teacher.source: {problem}")
     path = find_weights(arch)
+    _key_mismatch(model, path, arch)
+    return path
+
+
+def load_pretrained(model: nn.Module, arch: str, num_classes: int, in_channels: int, image_size: int) -> None:
+    """Fill ``model`` (built by create_model for ``arch``) with timm's pretrained weights, adapted by timm."""
+    from kd_core.timm_models import build
+
+    path = checked_weights(model, arch, image_size)
     warnings = _TimmWarnings()
     logger = logging.getLogger("timm.models._builder")
     logger.addHandler(warnings)

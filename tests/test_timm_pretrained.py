@@ -124,6 +124,19 @@ def test_a_pickled_file_is_never_loaded(home: Path) -> None:
         loaded_teacher("timm:vit_tiny_patch16_224")
 
 
+def test_a_file_of_other_weights_is_refused_not_loaded_in_part() -> None:
+    path = weights_path("timm:resnet18")
+    original = save_original("resnet18", path)
+    save_file({k: v for k, v in original.items() if not k.startswith("layer4.")}, str(path))
+    with pytest.raises(ConfigError, match=r"resnet18.safetensors does not hold timm's timm:resnet18 weights \(missing: layer4"):
+        validate_config(config("timm:resnet18"))
+    with pytest.raises(TeacherUnavailable, match=r"resnet18.safetensors does not hold timm's timm:resnet18 weights \(missing: layer4"):
+        loaded_teacher("timm:resnet18")
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(TeacherUnavailable, match="is not a valid safetensors file"):
+        loaded_teacher("timm:resnet18")
+
+
 @pytest.mark.parametrize(
     ("arch", "fragment"),
     [
