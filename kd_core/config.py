@@ -23,7 +23,8 @@ from kd_core.settings import default_dataset_root
 if TYPE_CHECKING:
     from kd_core.teachers import RunTeachers
 
-TEACHER_SOURCE = re.compile(r"^(train|random|torchvision|run:\d+|file:.+)$")
+TEACHER_SOURCE = re.compile(r"^(train|random|torchvision|timm|run:\d+|file:.+)$")
+PRETRAINED_SOURCES = ("torchvision", "timm")  # ImageNet weights, adapted to the dataset, then fine-tuned for teacher.epochs
 
 
 class ConfigError(ValueError):
@@ -137,14 +138,14 @@ class TrainingConfig(_Strict):
 
 
 class TeacherConfig(TrainingConfig):
-    source: str = Field("train", description="train | run:<id> | file:<path> | torchvision | random")
+    source: str = Field("train", description="train | run:<id> | file:<path> | torchvision | timm (timm: archs, local files only) | random")
 
     @field_validator("source")
     @classmethod
     def _valid_source(cls, value: str) -> str:
         _printable(value)
         if not TEACHER_SOURCE.match(value):
-            raise ValueError(f"{value!r} is not a teacher source; allowed: train, random, torchvision, run:<id>, file:<path>")
+            raise ValueError(f"{value!r} is not a teacher source; allowed: train, random, torchvision, timm, run:<id>, file:<path>")
         return value
 
 

@@ -127,6 +127,8 @@ def _source_errors(config: ExperimentConfig, teacher: TeacherConfig, where: str,
     errors: Errors = []
     if source == "torchvision" and teacher.arch not in TORCHVISION_ARCHS:
         errors.append((f"{where}.source", f"torchvision weights exist only for {', '.join(sorted(TORCHVISION_ARCHS))}; pick one of them or source: train"))
+    if source == "timm":
+        errors += _timm_source_errors(config, teacher, where)
     if source.startswith("file:") and not Path(source[5:]).expanduser().is_file():
         errors.append((f"{where}.source", f"no file at {source[5:]!r}; give the path of a .safetensors or .pt state dict"))
     elif source.startswith("file:") or (source.startswith("run:") and run_teachers is not None):
@@ -134,6 +136,25 @@ def _source_errors(config: ExperimentConfig, teacher: TeacherConfig, where: str,
     if source == "train" and teacher.epochs == 0:
         errors.append((f"{where}.epochs", "a teacher trained from scratch needs at least 1 epoch (or use source: random)"))
     return errors
+
+
+def _timm_source_errors(config: ExperimentConfig, teacher: TeacherConfig, where: str) -> Errors:
+    """``source: timm`` needs a timm: arch with weights timm can adapt, and their file on this machine (checked now, before any work)."""
+    from kd_core.teachers import TeacherUnavailable
+    from kd_core.timm_pretrained import checked_weights, source_problem
+
+    info = DATASETS[config.dataset.name]
+    size = config.dataset.image_size or info.image_size
+    problem = source_problem(teacher.arch, size)
+    if problem:
+        return [(f"{where}.source", problem)]
+    try:
+        # the classifier is left out of the check, so any class count builds a model to check against
+        model = create_model(teacher.arch, num_classes_of(config.dataset.name, config.dataset.classes) or 2, info.in_channels, size)
+        checked_weights(model, teacher.arch, size)
+    except TeacherUnavailable as exc:
+        return [(f"{where}.source", str(exc).removeprefix("teacher.source: "))]
+    return []
 
 
 def _teacher_weight_errors(config: ExperimentConfig, teacher: TeacherConfig, where: str, run_teachers: RunTeachers | None) -> Errors:

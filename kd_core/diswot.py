@@ -254,7 +254,7 @@ def _trained_teacher(config: ExperimentConfig, num_classes: int, in_channels: in
     from kd_core.teachers import load_teacher_weights
 
     source = config.teacher.source
-    if source in ("train", "random", "torchvision"):
+    if source in ("train", "random", "torchvision", "timm"):
         raise ValueError(f"teacher.source is {source!r}: there are no weights trained on this dataset to score against. The released DisWOT "
                          "code scores against a Gaussian-initialised teacher anyway (teacher_init 'gaussian', the default); to use "
                          "trained weights, name them with teacher.source run:<id> or file:<path>")

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kd_core.config import ConfigError, ExperimentConfig, validate_config
+from kd_core.config import PRETRAINED_SOURCES, ConfigError, ExperimentConfig, validate_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,7 +86,7 @@ class SweepPlan:
 
     @property
     def teacher_trainings(self) -> int:
-        return sum(c.trains_teacher and c.config.teacher.source in ("train", "torchvision") for c in self.cells)
+        return sum(c.trains_teacher and c.config.teacher.source in ("train", *PRETRAINED_SOURCES) for c in self.cells)
 
     @property
     def baseline_trainings(self) -> int:
@@ -110,7 +110,7 @@ def _axes_errors(axes: Any) -> list[tuple[str, str]]:
 
 def _teacher_key(config: ExperimentConfig) -> str | None:
     """Configs with equal keys can share one trained teacher (None: nothing is trained for the teacher)."""
-    if config.teacher.source not in ("train", "torchvision") or config.teachers:
+    if config.teacher.source not in ("train", *PRETRAINED_SOURCES) or config.teachers:
         return None
     data = config.model_dump(mode="json")
     return json.dumps({k: data[k] for k in ("dataset", "teacher", "device", "precision")}, sort_keys=True)

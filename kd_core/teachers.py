@@ -101,8 +101,13 @@ def torchvision_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def load_teacher_weights(model: nn.Module, source: str, arch: str, num_classes: int, *, run_teachers: RunTeachers | None) -> None:
-    """Fill ``model`` with the weights ``source`` names (``file:``, ``run:`` or ``torchvision``)."""
+def load_teacher_weights(model: nn.Module, source: str, arch: str, num_classes: int, *, run_teachers: RunTeachers | None,
+                         input_shape: tuple[int, int] | None = None) -> None:
+    """Fill ``model`` with the weights ``source`` names (``file:``, ``run:``, ``torchvision`` or ``timm``).
+
+    ``input_shape`` is (channels, image size) the model was built for; ``timm`` needs it to have timm adapt its
+    checkpoint the same way.
+    """
     if source.startswith("file:"):
         state = read_state_dict(source[5:])
         check_fits(model, state, arch, num_classes, Path(source[5:]).name)
@@ -125,5 +130,11 @@ def load_teacher_weights(model: nn.Module, source: str, arch: str, num_classes: 
         own = model.state_dict()
         # ImageNet classifier and (for other channel counts or small images) the stem do not fit: keep ours
         model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+    elif source == "timm":
+        from kd_core.timm_pretrained import load_pretrained
+
+        if input_shape is None:
+            raise ValueError("teacher.source timm needs the input_shape the teacher was built for")
+        load_pretrained(model, arch, num_classes, *input_shape)
     else:
         raise ValueError(f"teacher.source {source!r} has no weights to load")

@@ -6,10 +6,15 @@ about 7×7 to 8×8 tokens at the input size (4 at 28 and 32 pixels); ConvNeXt ge
 keeps its four stages above 1×1. Stage outputs of token models (``[B, N, D]``) are exposed as maps
 ``[B, D, H, W]`` (prefix tokens such as the class token dropped), so feature losses and CKA treat them
 like a CNN's. timm is imported only when such a model is built.
+
+Given ``pretrained_file`` (a local .safetensors of timm's ImageNet weights, see kd_core.timm_pretrained), the
+same builders ask timm to load it: timm itself resamples position and patch embeddings, sums the input conv
+to one channel and drops the 1000-class head, so the adapted model is the one built without weights.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -34,9 +39,25 @@ def token_patch(image_size: int) -> int:
     return max([p for p in range(1, image_size + 1) if image_size % p == 0 and image_size // p >= 7], default=1)
 
 
+def convnext_stem(image_size: int) -> int:
+    """The ConvNeXt stem's patch: ImageNet's 4 from 64 pixels up, 1 below (see _convnext)."""
+    return 4 if image_size >= 64 else 1
+
+
 def _classifier_name(model: nn.Module) -> str:
     classifier = model.get_classifier()
     return next(name for name, module in model.named_modules() if module is classifier)
+
+
+def _create(timm_name: str, pretrained_file: Path | None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``, with timm's pretrained weights read from ``pretrained_file`` when given."""
+    import timm
+
+    if pretrained_file is None:
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+    # source "timm" makes timm read the overlaid file even where the config names a hub repo (no network)
+    overlay = {"file": str(pretrained_file), "source": "timm"}
+    return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def _evenly(names: list[str], count: int) -> list[str]:
@@ -44,18 +65,20 @@ def _evenly(names: list[str], count: int) -> list[str]:
     return [names[min(len(names) - 1, round((i + 1) * step) - 1)] for i in range(count)] if len(names) > count else names
 
 
-def _vit(timm_name: str, num_classes: int, in_channels: int, image_size: int) -> tuple[nn.Module, list[str], Any]:
-    import timm
-
-    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
-                              img_size=image_size, patch_size=token_patch(image_size))
+def _vit(timm_name: str, num_classes: int, in_channels: int, image_size: int,
+         pretrained_file: Path | None) -> tuple[nn.Module, list[str], Any]:
+    model = _create(timm_name, pretrained_file, num_classes=num_classes, in_chans=in_channels,
+                    img_size=image_size, patch_size=token_patch(image_size))
     blocks = [f"blocks.{i}" for i in range(len(model.blocks))]
     return model, _evenly(blocks, TOKEN_STAGES), (model.num_prefix_tokens, *model.patch_embed.grid_size)
 
 
-def _mixer(timm_name: str, num_classes: int, in_channels: int, image_size: int) -> tuple[nn.Module, list[str], Any]:
+def _mixer(timm_name: str, num_classes: int, in_channels: int, image_size: int,
+           pretrained_file: Path | None) -> tuple[nn.Module, list[str], Any]:
     from timm.models.mlp_mixer import MlpMixer
 
+    if pretrained_file is not None:  # refused at validation (timm ships no mixer_s16_224 weights); never load partially
+        raise ValueError(f"timm has no pretrained weights for {timm_name}")
     # mixer_s16_224's depth and width, with a patch size for small images (timm fixes its patch size per name)
     patch = token_patch(image_size)
     model = MlpMixer(num_classes=num_classes, img_size=image_size, in_chans=in_channels, patch_size=patch, num_blocks=8, embed_dim=512)
@@ -63,30 +86,29 @@ def _mixer(timm_name: str, num_classes: int, in_channels: int, image_size: int) 
     return model, _evenly(blocks, TOKEN_STAGES), (0, image_size // patch, image_size // patch)
 
 
-def _convnext(timm_name: str, num_classes: int, in_channels: int, image_size: int) -> tuple[nn.Module, list[str], Any]:
-    import timm
-
+def _convnext(timm_name: str, num_classes: int, in_channels: int, image_size: int,
+              pretrained_file: Path | None) -> tuple[nn.Module, list[str], Any]:
     # timm's ConvNeXt reduces 4× before the first stage (stem and stage 0 together) unless the stem's patch is 1;
     # below 64 pixels that would leave the last stage at zero size, so the first stage keeps the full resolution
-    stem = 4 if image_size >= 64 else 1
-    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, patch_size=stem)
+    stem = convnext_stem(image_size)
+    model = _create(timm_name, pretrained_file, num_classes=num_classes, in_chans=in_channels, patch_size=stem)
     return model, [f"stages.{i}" for i in range(len(model.stages))], None
 
 
-def _cnn(timm_name: str, num_classes: int, in_channels: int, image_size: int) -> tuple[nn.Module, list[str], Any]:
-    import timm
-
-    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+def _cnn(timm_name: str, num_classes: int, in_channels: int, image_size: int,
+         pretrained_file: Path | None) -> tuple[nn.Module, list[str], Any]:
+    model = _create(timm_name, pretrained_file, num_classes=num_classes, in_chans=in_channels)
     return model, [info["module"] for info in model.feature_info][-4:], None
 
 
-BUILDERS: dict[str, Callable[[str, int, int, int], tuple[nn.Module, list[str], Any]]] = {
+BUILDERS: dict[str, Callable[[str, int, int, int, Path | None], tuple[nn.Module, list[str], Any]]] = {
     "vit": _vit, "mixer": _mixer, "convnext": _convnext, "cnn": _cnn,
 }
 
 
-def build(name: str, num_classes: int, in_channels: int, image_size: int) -> tuple[nn.Module, list[str], str, Any]:
+def build(name: str, num_classes: int, in_channels: int, image_size: int,
+          pretrained_file: Path | None = None) -> tuple[nn.Module, list[str], str, Any]:
     """``(model, stage module names, classifier name, token layout or None)`` for ``timm:<name>``."""
     kind, _ = TIMM_ARCHS[name]
-    model, stages, tokens = BUILDERS[kind](name.removeprefix("timm:"), num_classes, in_channels, image_size)
+    model, stages, tokens = BUILDERS[kind](name.removeprefix("timm:"), num_classes, in_channels, image_size, pretrained_file)
     return model, stages, _classifier_name(model), tokens

@@ -42,7 +42,7 @@ BAD_VALUES: list[tuple[str, st.SearchStrategy[Any]]] = [
     ("dataset.image_size", st.one_of(st.integers(max_value=7), st.integers(min_value=513))),
     ("dataset.root", st.sampled_from(["", "a\x00b", "\x00"])),
     ("teacher.arch", text.filter(lambda v: v not in ("mlp", "lenet5", "cnn_tiny", "cnn_small"))),
-    ("teacher.source", st.one_of(text.filter(lambda v: not re.match(r"^(train|random|torchvision|run:\d+|file:.+)$", v)),
+    ("teacher.source", st.one_of(text.filter(lambda v: not re.match(r"^(train|random|torchvision|timm|run:\d+|file:.+)$", v)),
                                  st.sampled_from(["file:/no/such/teacher.pt", "file:../../../../etc/passwd", "file:~/\u00e9\u00e8/t.safetensors", "torchvision"]))),
     ("teacher.epochs", st.one_of(st.integers(max_value=-1), st.integers(min_value=10_001), not_a_number)),
     ("teacher.batch_size", st.one_of(st.integers(max_value=1), st.integers(min_value=8193))),

@@ -41,6 +41,20 @@ def test_only_current_errors_after_a_refused_upload(env, no_dispatch):
     assert errors(at) == ""
 
 
+def test_timm_weights_say_where_the_file_goes(env, no_dispatch, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    at = new_experiment()
+    at.selectbox(key="nx_t_src").set_value("timm").run()
+    assert any("never downloaded" in c.value for c in at.caption)
+    assert "teacher.source: timm weights exist only for timm: architectures" in errors(at)
+    assert launch_button(at).disabled
+    at.selectbox(key="nx_t_arch").set_value("timm:resnet18").run()
+    assert f"place resnet18.safetensors in {tmp_path / 'data' / 'timm'}" in errors(at)
+    assert shown_yaml(at)["teacher"]["source"] == "timm"
+
+
 def test_uploaded_checkpoint_is_checked(env, no_dispatch, tmp_path):
     import torch
 

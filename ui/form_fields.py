@@ -67,6 +67,7 @@ SOURCES = {
     "upload": "Upload a checkpoint",
     "file": "A checkpoint file on this machine",
     "torchvision": "Torchvision ImageNet weights",
+    "timm": "timm ImageNet weights (timm: architectures)",
     "random": "Random weights (for testing only)",
 }
 term_ids = itertools.count(1)

@@ -141,7 +141,7 @@ def source_to_state(source: Any) -> tuple[dict[str, Any], str]:
     elif source in SOURCES and source not in ("run", "file", "upload"):
         state[f"{P}t_src"] = source
     else:
-        return state, f"{source!r} is not a teacher source; allowed: train, random, torchvision, run:<id>, file:<path>"
+        return state, f"{source!r} is not a teacher source; allowed: train, random, torchvision, timm, run:<id>, file:<path>"
     return state, ""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import streamlit as st
 
+from kd_core.config import PRETRAINED_SOURCES
 from kd_core.sweeps import SEED_AXIS, parse_path
 from ui.badges import duration_text
 from ui.form_fields import BOOL, FLOAT, INT, TEXT, P, loss_params, yaml_line
@@ -147,7 +148,7 @@ def estimate(plan: Any, store: Any) -> str:
         if not same:
             return (f"no estimate yet: no run of {c.dataset.name} with {c.teacher.arch} → {c.student.arch} has finished here "
                     "(times are measured, never guessed)")
-        kind = (cell.trains_teacher and c.teacher.source in ("train", "torchvision"), bool(c.baseline))
+        kind = (cell.trains_teacher and c.teacher.source in ("train", *PRETRAINED_SOURCES), bool(c.baseline))
         match = next((r for r in same if _kind(r.config) == kind), None)
         rough |= match is None
         run = match or same[0]
@@ -164,7 +165,7 @@ def _archs(config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
 
 def _kind(config: Mapping[str, Any]) -> tuple[bool, bool]:
     """(trains its teacher, trains a baseline): what a run spends its time on besides the student."""
-    return (config.get("teacher") or {}).get("source", "train") in ("train", "torchvision"), bool(config.get("baseline"))
+    return (config.get("teacher") or {}).get("source", "train") in ("train", *PRETRAINED_SOURCES), bool(config.get("baseline"))
 
 
 # --------------------------------------------------------------------------- loading and drawing

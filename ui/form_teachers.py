@@ -24,6 +24,7 @@ KINDS = {  # the first teacher's upload is left out: a file on this machine does
     "file": "A checkpoint file on this machine",
     "random": "Random weights (for testing only)",
     "torchvision": "Torchvision ImageNet weights",
+    "timm": "timm ImageNet weights (timm: architectures)",
 }
 TRAINING_KEYS = ("epochs", "batch_size", "optimizer", "scheduler")
 ensemble_ids = itertools.count(1)
@@ -41,9 +42,9 @@ def split_source(source: Any) -> tuple[str, int | None, str, str]:
         return "run", int(source[4:]), "", ""
     if source.startswith("file:"):
         return "file", None, source[5:], ""
-    if source in ("train", "random", "torchvision"):
+    if source in ("train", "random", "torchvision", "timm"):
         return source, None, "", ""
-    return "train", None, "", f"{source!r} is not a teacher source; allowed: train, random, torchvision, run:<id>, file:<path>"
+    return "train", None, "", f"{source!r} is not a teacher source; allowed: train, random, torchvision, timm, run:<id>, file:<path>"
 
 
 def join_source(kind: Any, run_id: Any, path: Any) -> str:

@@ -146,6 +146,9 @@ def teacher_weights(check: FormCheck, store: Any, on_run_chosen) -> str:
     elif kind == "torchvision":
         st.caption("Uses torchvision's ImageNet weights (the stem and classifier are re-initialised to fit the dataset). "
                    "They must already be on this machine.")
+    elif kind == "timm":
+        st.caption("Uses timm's ImageNet weights for a timm: architecture, adapted by timm to the dataset (new classifier). "
+                   f"Read from {forms.data_home_text()}/timm/<timm name>.safetensors or the Hugging Face cache, never downloaded.")
     elif kind == "random":
         st.caption("An untrained teacher: only useful to test the pipeline; distillation from it teaches nothing.")
     show_problems(check, "teacher.source")

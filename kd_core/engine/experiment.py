@@ -103,7 +103,8 @@ class Experiment:
             if trained_here(cfg) and name in progress.results:
                 load_weights(teacher, self.dir / f"{name}.safetensors")
             elif cfg.source not in ("train", "random"):
-                load_teacher_weights(teacher, cfg.source, cfg.arch, self.data.num_classes, run_teachers=self.run_teachers)
+                load_teacher_weights(teacher, cfg.source, cfg.arch, self.data.num_classes, run_teachers=self.run_teachers,
+                                     input_shape=(self.data.in_channels, self.data.image_size))
             self.teachers.append(teacher)
 
     def freeze_teacher(self) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kd_core.config import ExperimentConfig, LossTerm, TrainingConfig
+from kd_core.config import PRETRAINED_SOURCES, ExperimentConfig, LossTerm, TrainingConfig
 
 CE_ONLY = [LossTerm(loss="ce", weight=1.0)]
 
@@ -26,7 +26,7 @@ def teacher_name(index: int) -> str:
 
 
 def trained_here(teacher: TrainingConfig) -> bool:
-    return getattr(teacher, "source", "train") in ("train", "torchvision") and teacher.epochs > 0
+    return getattr(teacher, "source", "train") in ("train", *PRETRAINED_SOURCES) and teacher.epochs > 0
 
 
 def plan_phases(config: ExperimentConfig) -> list[Phase]:
