@@ -12,46 +12,10 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
+from kd_core.cli_common import COMMANDS, command, format_table, open_store, pct, run_id_arg
 from storage.db import StoreUnavailable
-
-Command = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
-
-
-def command(name: str, help_text: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
-    def wrap(fn: Command) -> Command:
-        COMMANDS[name] = (fn, arguments, help_text)
-        return fn
-
-    return wrap
-
-
-def open_store(args: argparse.Namespace):
-    """One Store per CLI call (each new Store would open its own connection pool)."""
-    from storage import Store
-
-    if getattr(args, "_store", None) is None:
-        args._store = Store(args.db)
-    return args._store
-
-
-def _run_id(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_id", type=int, help="the run's id (see `runs`)")
-
-
-def format_table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [header] + [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def pct(value: Any) -> str:
-    return "" if value is None else f"{value:.2f}"
-
 
 class TqdmSink:
     """Shows the engine's progress reports as a tqdm bar while forwarding everything to the real sink."""
@@ -171,7 +135,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _show_args(p: argparse.ArgumentParser) -> None:
-    _run_id(p)
+    run_id_arg(p)
     p.add_argument("--config", action="store_true", help="print only the run's config, as YAML (python -m kd_core run accepts it)")
 
 
@@ -199,7 +163,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _run_id(p)
+    run_id_arg(p)
     p.add_argument("--csv", required=True, help="file to write the run's metrics to")
 
 
@@ -212,63 +176,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- sweeps
-
-
-@command("sweep", "queue every run of a sweep file (a config with a sweep: section); prints only the sweep's id",
-         lambda p: p.add_argument("config", help="YAML config with a sweep: section"))
-def cmd_sweep(args: argparse.Namespace) -> int:
-    import yaml
-
-    from kd_core.config import ConfigError
-    from kd_core.sweeps import submit_sweep
-
-    try:
-        raw = yaml.safe_load(open(args.config).read())
-    except FileNotFoundError:
-        raise ConfigError([("(file)", f"no sweep file at {args.config!r}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([("(file)", f"{args.config} is not valid YAML: {exc}")]) from None
-    store = open_store(args)
-    sweep_id = submit_sweep(store, raw)
-    runs = store.list_runs(sweep_id=sweep_id, include_hidden=True)
-    teachers = sum(not str(r.config["teacher"]["source"]).startswith("run:") for r in runs)
-    print(f"sweep {sweep_id}: {len(runs)} runs queued, {teachers} teacher(s) and {sum(bool(r.config.get('baseline')) for r in runs)} "
-          f"baseline(s) trained once each; `python -m kd_core sweeps {sweep_id}` shows the results", file=sys.stderr)
-    print(sweep_id)
-    return 0
-
-
-def _sweeps_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep_id", type=int, nargs="?", help="a sweep's id: its runs and results (default: list sweeps)")
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--cancel", action="store_true", help="cancel every queued or running run of the sweep")
-    what.add_argument("--resume", action="store_true", help="queue every failed or cancelled run of the sweep again")
-
-
-@command("sweeps", "list sweeps, or show one sweep's results (mean ± std and 95 %% interval over seeds)", _sweeps_args)
-def cmd_sweeps(args: argparse.Namespace) -> int:
-    from kd_core.sweeps import cancel_sweep, resume_sweep, sweep_runs, sweep_summary
-
-    store = open_store(args)
-    if args.sweep_id is None:
-        rows = [[s.id, s.name, ", ".join(f"{k}: {v}" for k, v in s.spec.get("axes", {}).items()), len(store.list_runs(sweep_id=s.id, include_hidden=True))]
-                for s in store.list_sweeps()]
-        print(format_table(rows, ["id", "name", "swept", "runs"]))
-        return 0
-    sweep = store.get_sweep(args.sweep_id)
-    if args.cancel or args.resume:
-        acted = (cancel_sweep if args.cancel else resume_sweep)(store, sweep.id)
-        print(f"sweep {sweep.id}: {'cancelled' if args.cancel else 'resumed'} runs {', '.join(map(str, acted)) or '(none)'}", file=sys.stderr)
-        return 0
-    runs = sweep_runs(store, sweep.id)
-    axes = list(sweep.spec.get("axes", {}))
-    print(f"sweep {sweep.id}: {sweep.name}")
-    print(format_table(runs.astype(object).where(runs.notna(), None).values.tolist(), list(runs.columns)))
-    summary = sweep_summary(runs, axes)
-    if len(summary):
-        cols = [c for c in summary.columns if not c.endswith("_std")]
-        print("\n" + format_table([[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in summary[cols].values.tolist()], cols))
-    return 0
 
 
 # --------------------------------------------------------------------------- background runs
@@ -292,7 +199,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("status", "a run's status, progress and error", _run_id)
+@command("status", "a run's status, progress and error", run_id_arg)
 def cmd_status(args: argparse.Namespace) -> int:
     run = open_store(args).get_run(args.run_id)
     print(f"run {run.id}: {run.name} [{run.status}]")
@@ -312,7 +219,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("cancel", "stop a run (a running one checkpoints first; `resume` continues it)", _run_id)
+@command("cancel", "stop a run (a running one checkpoints first; `resume` continues it)", run_id_arg)
 def cmd_cancel(args: argparse.Namespace) -> int:
     from kd_core.runner import cancel
 
@@ -321,7 +228,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("resume", "queue a failed or cancelled run again; it continues from its last checkpoint", _run_id)
+@command("resume", "queue a failed or cancelled run again; it continues from its last checkpoint", run_id_arg)
 def cmd_resume(args: argparse.Namespace) -> int:
     from kd_core.runner import resume
 
@@ -332,7 +239,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _logs_args(p: argparse.ArgumentParser) -> None:
-    _run_id(p)
+    run_id_arg(p)
     p.add_argument("-n", "--tail", type=int, default=200, help="number of lines (default 200)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
 
@@ -352,82 +259,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if new != text:
             print(new[len(text):].lstrip("\n") if new.startswith(text) else new, flush=True)
             text = new
-    return 0
-
-
-@command("methods", "every method and loss term: what it does, its paper and its parameters with defaults")
-def cmd_methods(args: argparse.Namespace) -> int:
-    from kd_core.losses import describe_loss, loss_names
-    from kd_core.methods import METHODS, describe_method
-
-    def show(info: dict[str, Any]) -> None:
-        params = ", ".join(f"{k}={v!r}" for k, v in info["params"].items()) or "no parameters"
-        print(f"  {info['name']:<16} {info['summary']}")
-        print(f"  {'':<16} {params}" + (f"\n  {'':<16} {info['paper']}" if info.get("paper") else ""))
-        if info.get("caveat"):
-            print(f"  {'':<16} note: {info['caveat']}")
-
-    print("methods (config key `method: {name: NAME, params: {...}}`; they change the training loop):")
-    for name in sorted(METHODS):
-        show(describe_method(name))
-    print("\nloss terms (config key `recipe: [{loss: NAME, weight: W, params: {...}}]`):")
-    for name in loss_names():
-        show(describe_loss(name))
-    return 0
-
-
-def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", default="1x28x28", help="input size as CxHxW (default 1x28x28: mnist5k)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
-
-
-@command("models", "every architecture with its parameter count at a given input size", _models_args)
-def cmd_models(args: argparse.Namespace) -> int:
-    from kd_core.models import MODELS, count_parameters, create_model
-
-    try:
-        channels, height, width = (int(v) for v in args.input.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--input {args.input!r}: give channels x height x width, e.g. 3x32x32") from None
-    if height != width:
-        raise ValueError(f"--input {args.input!r}: images are square here; give equal height and width")
-    rows = [[name, info.family, f"{count_parameters(create_model(name, args.classes, channels, height)):,}", info.description]
-            for name, info in MODELS.items()]
-    print(format_table(rows, ["architecture", "family", f"parameters at {args.input}, {args.classes} classes", "description"]))
-    return 0
-
-
-def _rank_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file: its teacher and dataset")
-    p.add_argument("--candidates", required=True, help="student architectures, comma-separated, e.g. cnn_tiny,lenet5,mlp")
-    p.add_argument("--batch-size", type=int, default=64, help="images per scoring batch (default 64, the released code's CIFAR-10 batch)")
-    p.add_argument("--repeats", type=int, default=3, help="draws (batch and random weights) averaged (default 3)")
-    p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
-    p.add_argument("--teacher-init", choices=["gaussian", "trained"], default="gaussian",
-                   help="gaussian (default): the teacher Gaussian-initialised, as the released DisWOT code; "
-                        "trained: the weights teacher.source names (run:<id> or file:<path>)")
-    p.add_argument("--by", choices=["score", "relation", "semantic"], default="score",
-                   help="order by the DisWOT score (default: relation + semantic, as released) or by one of its parts")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-
-
-@command("rank-students", "DisWOT: rank candidate students for a config's teacher and dataset, training-free (nothing is trained)", _rank_args)
-def cmd_rank_students(args: argparse.Namespace) -> int:
-    from kd_core.config import load_config
-    from kd_core.diswot import rank_students
-    from kd_core.teachers import TeacherUnavailable, run_teachers_in
-
-    run_teachers = run_teachers_in(open_store(args)) if args.teacher_init == "trained" else None
-    config = load_config(args.config, run_teachers=run_teachers)
-    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
-    try:
-        ranking = rank_students(config, candidates, batch_size=args.batch_size, repeats=args.repeats, seed=args.seed,
-                                teacher_init=args.teacher_init, by=args.by, device=args.device, run_teachers=run_teachers)
-    except TeacherUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(ranking.describe())
-    print(ranking.table())
     return 0
 
 
@@ -453,6 +284,8 @@ def cmd_work(args: argparse.Namespace) -> int:
 
     return work(args.run_id, args.db)
 
+
+from kd_core import cli_catalog, cli_sweeps  # noqa: E402,F401 - register their commands after the core ones
 
 OFFLINE_COMMANDS = ("work", "methods", "models", "rank-students")  # no queue involved (the worker reconciles itself when it ends)
 
