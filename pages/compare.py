@@ -155,7 +155,7 @@ def main() -> None:
         return
     live = any(r.status in ACTIVE for r in chosen)
 
-    @st.fragment(run_every=3.0 if live else None)
+    @st.fragment(run_every=ui_state.LIVE_REFRESH_S if live else None)
     def live_curves() -> None:
         fresh = []
         for r in chosen:

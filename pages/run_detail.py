@@ -1,7 +1,7 @@
 """Run detail: live curves while a run trains, then its results (accuracy, per class, confusion, config, log).
 
 The run comes from ``?run=<id>`` (or the selectbox). Everything below the picker, the status badge included, is
-a fragment that reruns every 2 s while the run is active and reads the run from the database each time; the
+a fragment that reruns every ui.state.LIVE_REFRESH_S (5 s) while the run is active and reads the run from the database each time; the
 timer stops once the run has finished (a full rerun then draws the final page without a timer).
 """
 
@@ -24,7 +24,6 @@ from ui.badges import (
     trained_seconds,
 )
 
-REFRESH_S = 2.0
 ACTIVE = ui_state.ACTIVE
 RUN_DETAIL_PAGE = "pages/run_detail.py"
 
@@ -116,7 +115,7 @@ def progress_block(run) -> None:
     if p.get("teacher_outputs"):
         detail.append(f"teacher outputs {p['teacher_outputs']}" + (f" ({p['teacher_outputs_reason']})" if p.get("teacher_outputs_reason") else ""))
     if run.heartbeat_at:
-        detail.append(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {REFRESH_S:g} s")
+        detail.append(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {ui_state.LIVE_REFRESH_S:g} s")
     if detail:
         st.caption(" · ".join(detail))
 
@@ -339,7 +338,7 @@ def main() -> None:
     first_status = run.status
     live = first_status in ACTIVE
 
-    @st.fragment(run_every=REFRESH_S if live else None)
+    @st.fragment(run_every=ui_state.LIVE_REFRESH_S if live else None)
     def live_body() -> None:
         try:
             current = store.get_run(run.id)  # status always from the database

@@ -1,7 +1,7 @@
 """Runs: every experiment in the database as a table you filter, sort and select; actions act on the selected rows.
 
 Status always comes from the database; the server's supervisor loop (started by app.py) marks runs whose worker
-died and starts queued ones, so this page only reads. The table refreshes itself every 2 s while any run is
+died and starts queued ones, so this page only reads. The table refreshes itself every LIVE_REFRESH_S (5 s) while any run is
 active. One ``list_runs`` query per render builds the whole table (no per-run queries), so 1,000 runs render in
 well under 1 s. The accuracy columns come first so they fit at 1400 px; less used columns are opt-in.
 """
@@ -26,6 +26,7 @@ from ui.badges import (
 )
 from ui.state import (
     ACTIVE,
+    LIVE_REFRESH_S,
     delete_run_files,
     ensure_app,
     flash,
@@ -293,7 +294,7 @@ top[1].page_link("pages/new_experiment.py", label="New experiment", icon=":mater
 live = _any_active()
 
 
-@st.fragment(run_every=2 if live else None)
+@st.fragment(run_every=LIVE_REFRESH_S if live else None)
 def runs_view() -> None:
     show_flash()
     runs = store.list_runs(include_hidden=ss.get("runs_show_hidden", False))
@@ -311,7 +312,7 @@ def runs_view() -> None:
     ids = table(single) if len(single) or not grouped else []  # runs launched one by one, as before
     ids += sweep_groups(df, view)  # runs of a sweep: grouped under it, collapsed
     c = st.columns([3, 2], vertical_alignment="center")
-    c[0].caption(f"{len(view)} of {len(df)} runs shown" + (" · refreshing every 2 s while runs are active" if live else ""))
+    c[0].caption(f"{len(view)} of {len(df)} runs shown" + (f" · refreshing every {LIVE_REFRESH_S:g} s while runs are active" if live else ""))
     c[1].multiselect("More columns", list(OPTIONAL), key="runs_columns", format_func=OPTIONAL.get, placeholder="more columns",
                      label_visibility="collapsed", help="Columns left out so that accuracy and KD gain fit without scrolling.")
     if not ids:

@@ -2,7 +2,7 @@
 section, or ``python -m kd_core sweep FILE``), followed and summarised on one page.
 
 The sweep comes from ``?sweep=ID`` (kept in sync with the picker, so a sweep can be bookmarked). Everything shown is
-read from the database on each render (``kd_core.sweeps.sweep_runs``); the page refreshes itself every 3 s while
+read from the database on each render (``kd_core.sweeps.sweep_runs``); the page refreshes itself every LIVE_REFRESH_S (5 s) while
 any run of the sweep is active.
 """
 
@@ -18,7 +18,7 @@ from kd_core.sweeps import cancel_sweep, resume_sweep, submit_sweep, sweep_runs
 from ui import charts
 from ui import sweep_view as sv
 from ui.png_button import png_button
-from ui.state import ACTIVE, PROJECT_ROOT, ensure_app, flash, get_store, show_flash
+from ui.state import ACTIVE, LIVE_REFRESH_S, PROJECT_ROOT, ensure_app, flash, get_store, show_flash
 
 ensure_app(__file__)
 store = get_store()
@@ -192,7 +192,7 @@ def main() -> None:
     axes = list(sweep.spec.get("axes", {}))
     live = any(r.status in ACTIVE for r in store.list_runs(sweep_id=sweep.id, include_hidden=True))
 
-    @st.fragment(run_every=3.0 if live else None)
+    @st.fragment(run_every=LIVE_REFRESH_S if live else None)
     def sweep_view() -> None:
         runs = sweep_runs(store, sweep.id)
         if runs.empty:
