@@ -169,7 +169,8 @@ def test_compare_and_analysis_render_the_method_runs(trained):
 @pytest.mark.browser
 def test_the_method_tab_and_the_form_in_a_browser(trained):
     """Screenshots a user would judge: the Method tab of a DHO and a TGeo-KD run, the MEAL V2 preset's further
-    teachers and a DisWOT ranking in the form."""
+    teachers and a DisWOT ranking in the form; and every method's run opened on Run detail (Method tab),
+    Analysis and Compare without an error."""
     from playwright.sync_api import expect
 
     from tests.test_browser import SHOTS, browser_page, serve, settle
@@ -182,6 +183,18 @@ def test_the_method_tab_and_the_form_in_a_browser(trained):
             settle(page)
             expect(page.locator("[data-testid='stException']")).to_have_count(0)
             page.screenshot(path=str(SHOTS / f"run_detail_method_{method}.png"))
+        for method, run in trained["runs"].items():  # every method's run renders as a user opens it
+            page.goto(f"{url}/run_detail?run={run.id}")
+            page.get_by_role("tab", name="Method").click()
+            settle(page)
+            expect(page.locator("[data-testid='stException']")).to_have_count(0)
+            page.goto(f"{url}/analysis?run={run.id}")
+            settle(page)
+            expect(page.locator("[data-testid='stException']")).to_have_count(0)
+            expect(page.get_by_text("analysis failed")).to_have_count(0)
+        page.goto(f"{url}/compare?runs=" + ",".join(str(run.id) for run in trained["runs"].values()))
+        settle(page)
+        expect(page.locator("[data-testid='stException']")).to_have_count(0)
         page.goto(f"{url}/new_experiment")
         page.get_by_test_id("stSelectbox").filter(has_text="Start from a preset").click()
         page.keyboard.type("meal_v2")  # the list is long: filter it as a user would
