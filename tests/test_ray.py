@@ -49,7 +49,7 @@ def ray_address() -> Iterator[str]:
 
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     dashboard_port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # 2.60 defaults to token auth (infra.md section 4)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # Ray 2.60 defaults to token auth
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",

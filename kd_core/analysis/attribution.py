@@ -1,7 +1,7 @@
 """Attribution maps (captum) for teacher/student comparison, and map-similarity measures.
 
 Every map is computed on a deep copy of the model in ``eval()`` with in-place activations switched off
-(methods.md §3.2: in-place ReLUs break captum's backward hooks), with gradients forced on (works even
+(in-place ReLUs break captum's backward hooks), with gradients forced on (works even
 when the caller is under ``torch.no_grad()`` / ``inference_mode``). The caller's model is never touched.
 Maps are reduced to ``[N, H, W]`` on the input grid so teacher and student maps are directly comparable.
 """
@@ -47,7 +47,7 @@ def prepare_model(model: nn.Module) -> nn.Module:
 
 
 def default_gradcam_layer(model: nn.Module) -> str:
-    """The last spatial stage: ``model.feature_spec.stages[-1]`` (methods.md §3.1 layer choice)."""
+    """The last spatial stage: ``model.feature_spec.stages[-1]`` (the last convolutional stage, as in Grad-CAM, Selvaraju et al. ICCV 2017)."""
     spec = getattr(model, "feature_spec", None)
     if spec is None or not spec.stages:
         raise ValueError("gradcam needs layer= (a module name) for models without feature_spec")
@@ -105,7 +105,7 @@ def _target(target: Target, n: int, device: torch.device) -> torch.Tensor:
 
 
 def _occlusion_window(shape: Sequence[int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Window and stride sized to the image: 4×4 / stride 2 up to 64 px (methods.md: 32×32 CIFAR),
+    """Window and stride sized to the image: 4×4 / stride 2 up to 64 px (32×32 CIFAR),
     about H/15 with half-window stride above (15×15 / 8 on 224 px)."""
     c, h, w = shape
     side_h = 4 if h <= 64 else max(4, round(h / 15))
@@ -255,7 +255,7 @@ def compare_maps(
     """Per-image similarity of two sets of attribution maps (e.g. teacher vs student, same images/targets).
 
     Maps ``[N, H, W]`` (or ``[H, W]``); if the grids differ, both are resized bilinearly to the larger one.
-    ``absolute``: compare ``|map|`` (gradient signs are unstable; methods.md §3.4).
+    ``absolute``: compare ``|map|`` (gradient signs are unstable).
     Returns ``spearman`` ``[N]`` (rank correlation, average ranks for ties, Adebayo et al. 2018),
     ``iou`` ``[N]`` (IoU of the top ``k`` fraction of pixels of each map), their means, ``k`` and
     ``iou_random`` (= k/(2−k), the expectation for independent random maps, as a reference line).

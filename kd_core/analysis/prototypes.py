@@ -1,7 +1,7 @@
 """Prototype (class-mean) embeddings of teacher and student, and 2-D projections for plotting.
 
 Prototype ``μ_c`` = mean of the penultimate embeddings (the input of the final ``nn.Linear``) of class c
-over one split, computed in eval mode (methods.md §4). Teacher and student widths may differ, so the
+over one split, computed in eval mode. Teacher and student widths may differ, so the
 report compares them without projection through class-by-class cosine-similarity matrices, and
 ``align_student_to_teacher`` fits a least-squares linear map when both must share one picture.
 """

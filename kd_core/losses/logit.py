@@ -4,7 +4,7 @@ Every function takes raw logits ``[B, C]`` and returns a scalar. The teacher sid
 the function: a teacher is never trained through a distillation term, and detaching here (rather than
 trusting every caller) keeps a stray ``requires_grad`` teacher from leaking gradients.
 
-Reductions follow the reference code (methods.md §0.1): sum over classes, mean over the batch — never
+Reductions follow the authors' released code: sum over classes, mean over the batch — never
 PyTorch's default ``reduction="mean"`` over B·C, which silently divides by C.
 """
 
