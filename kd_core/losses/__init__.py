@@ -19,7 +19,6 @@ from kd_core.losses.base import (
 from kd_core.losses.contrastive import nce_loss
 from kd_core.losses.feature import at_loss, fitnet_loss, nd_loss
 from kd_core.losses.logit import (
-    TAIDSchedule,
     dist_loss,
     dkd_loss,
     kd_loss,
@@ -27,10 +26,10 @@ from kd_core.losses.logit import (
     nkd_loss,
     ofa_loss,
     pld_loss,
-    taid_loss,
 )
 from kd_core.losses.params import constructor_params
 from kd_core.losses.relation import pkt_loss, rkd_loss, sp_loss
+from kd_core.losses.taid import TAIDSchedule, taid_loss
 
 
 def loss_names() -> list[str]:
