@@ -154,7 +154,8 @@ def dispatch_lock(store: Store) -> Iterator[None]:
 
     url = absolute_db_url(store.url)
     if url.startswith("sqlite") and "///" in url:
-        path = Path(url.split("///", 1)[1].split("?", 1)[0] + ".dispatch.lock")
+        # a URI filename (sqlite:///file:/path?mode=ro&uri=true) names the same file without its scheme
+        path = Path(url.split("///", 1)[1].split("?", 1)[0].removeprefix("file:") + ".dispatch.lock")
     else:
         path = artifacts_root() / ".dispatch.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
