@@ -78,6 +78,11 @@ class DatasetConfig(_Strict):
     augment: bool = False
     subset: int | None = Field(None, ge=20, le=100_000_000, description="cap on training images, for quick runs")
     image_size: int | None = Field(None, ge=8, le=512, description="resize for imagefolder datasets")
+    loader: Literal["auto", "resident", "streaming"] = Field(
+        "auto", description="resident: uint8 images on the training device; streaming: image files decoded by worker processes "
+        "(imagefolder only); auto: resident when they fit the memory budget",
+    )
+    workers: int | None = Field(None, ge=0, le=64, description="streaming loader processes (default: one per core, up to 8)")
     classes: ClassSelection | None = Field(
         None, description="keep only these classes, relabelled 0, 1, ... in this order; a list merges classes into one, "
         "e.g. [3, 5] or [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]",
@@ -115,6 +120,15 @@ class DatasetConfig(_Strict):
                              else f"class numbers are >= 0; got {sorted(set(members))}")
         if len(set(members)) < len(members):
             raise ValueError("each class may appear once")
+        return value
+
+    @field_validator("loader")
+    @classmethod
+    def _streamable(cls, value: str, info: ValidationInfo) -> str:
+        name = info.data.get("name")
+        if value == "streaming" and name in DATASETS and not DATASETS[name].streamable:
+            raise ValueError(f"{name} is not read from image files, so it cannot be streamed; use resident or auto "
+                             f"(streamable: {', '.join(n for n, d in DATASETS.items() if d.streamable)})")
         return value
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def data_home() -> Path:
@@ -30,6 +34,33 @@ def run_dir(run_uid: str) -> Path:
     if not run_uid or not run_uid.isalnum():
         raise ValueError(f"a run identity is a hex string, got {run_uid!r}")
     return (artifacts_root() / f"run-{run_uid}").resolve()
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_budget_bytes(device: "torch.device | None" = None) -> int:
+    """How many bytes of uint8 images ``dataset.loader: auto`` keeps resident before it streams from disk.
+
+    ``$DISTILLERY_RESIDENT_MAX_MB`` when set; else a quarter of the available RAM (and of the free GPU
+    memory when training on CUDA), leaving room for models, activations and a second run.
+    """
+    if os.environ.get("DISTILLERY_RESIDENT_MAX_MB"):
+        return int(float(os.environ["DISTILLERY_RESIDENT_MAX_MB"]) * 2**20)
+    budget = _available_ram() // 4
+    if device is not None and device.type == "cuda":
+        import torch
+
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 4)
+    return budget
 
 
 # --------------------------------------------------------------------------- paths from a form

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +77,28 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[MemorySink, Reco
     return sink, recorder, out
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def test_the_shipped_demo_config_gives_bit_identical_results(tmp_path: Path) -> None:
     """The mnist5k KD demo, turned down, reproduces its recorded numbers bit for bit.
 
-    They were recorded before the engine was split into modules (the split was bit-identical) and again
-    when normalization became the dataset's own rather than each run's subset's; any other change to the
-    numbers a plain recipe produces fails here. Floating-point results are only bit-identical on the same
-    kind of CPU kernels and thread count; elsewhere the comparison falls back to 1e-6.
+    Recorded again when the data became uint8 normalized on the device, with per-channel statistics from
+    exact histograms (``DISTILLERY_RECORD_GOLDEN=1`` rewrites the file); any other change to the numbers a
+    plain recipe produces fails here. Floating-point results are only bit-identical on the same CPU model
+    and thread count. Elsewhere the losses are compared to 2e-3 relative and accuracies to 0.5 points: an
+    AMD EPYC against the Intel CPU this was first recorded on differed by up to 1.1e-3 in the student's
+    losses and 0.1 points in accuracy.
     """
-    golden = json.loads(GOLDEN.read_text())
     raw = yaml.safe_load(Path("configs/mnist5k_kd.yaml").read_text())
     raw.update(device="cpu", analysis={"enabled": False})
     raw["dataset"]["subset"] = 1000
     raw["teacher"]["epochs"] = raw["student"]["epochs"] = 2
+    golden = json.loads(GOLDEN.read_text())
     threads = torch.get_num_threads()
     torch.set_num_threads(golden["threads"])
     try:
@@ -96,18 +106,24 @@ def test_the_shipped_demo_config_gives_bit_identical_results(tmp_path: Path) -> 
         summary = run_experiment(validate_config(raw), sink, tmp_path)
     finally:
         torch.set_num_threads(threads)
-    exact = torch.backends.cpu.get_cpu_capability() == golden["cpu_capability"]
     series: dict[str, list[float]] = {}
     for r in sink.rows:
         if r["key"].startswith("loss/") or r["key"] in ("val/top1", "lr"):
             series.setdefault(f'{r["phase"]}:{r["key"]}', []).append(r["value"])
+    weights = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.glob("*.safetensors"))}
+    if os.environ.get("DISTILLERY_RECORD_GOLDEN"):
+        record = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(), "threads": golden["threads"],
+                  "torch": torch.__version__, "summary": {k: summary[k] for k in golden["summary"]}, "weights_sha256": weights,
+                  "series": series}
+        GOLDEN.write_text(json.dumps(record, indent=1))
+        pytest.skip("golden numbers recorded")
+    exact = (torch.backends.cpu.get_cpu_capability(), cpu_model()) == (golden["cpu_capability"], golden.get("cpu_model"))
     assert series.keys() == golden["series"].keys()
     for key, values in golden["series"].items():
-        assert series[key] == (values if exact else pytest.approx(values, rel=1e-6)), key
+        assert series[key] == (values if exact else pytest.approx(values, rel=2e-3)), key
     for key, value in golden["summary"].items():
-        assert summary[key] == (value if exact else pytest.approx(value, abs=1e-6)), key
+        assert summary[key] == (value if exact else pytest.approx(value, abs=0.5)), key
     if exact:
-        weights = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.glob("*.safetensors"))}
         assert weights == golden["weights_sha256"]
 
 

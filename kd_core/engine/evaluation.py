@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_core.data import iterate
+from kd_core.data import image_batches
 from kd_core.engine.precision import Precision
 from kd_core.features import FeatureTap
 from kd_core.methods.base import Method
@@ -22,7 +22,7 @@ def outputs_with_embedding(model: nn.Module, x: torch.Tensor, precision: Precisi
     precision = precision or Precision("fp32", x.device.type)
     logits, embeddings = [], []
     with FeatureTap(model, embedding=True) as tap, precision.autocast():
-        for xb, _ in iterate(x, x, EVAL_BATCH):
+        for xb in image_batches(x, EVAL_BATCH):
             logits.append(model(xb).float())
             embeddings.append(tap.embedding.float())
     model.train(was_training)
@@ -43,7 +43,7 @@ def predict(model: nn.Module, x: torch.Tensor, precision: Precision | None = Non
     model.eval()
     precision = precision or Precision("fp32", x.device.type)
     with precision.autocast():
-        out = torch.cat([model(xb).float() for xb, _ in iterate(x, x, EVAL_BATCH)])
+        out = torch.cat([model(xb).float() for xb in image_batches(x, EVAL_BATCH)])
     model.train(was_training)
     return out if method is None else method.student_logits(out, None)
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kd_core.config import ExperimentConfig, LossTerm, config_fingerprint
-from kd_core.data import DataSplits, iterate, load_dataset
+from kd_core.data import DataSplits, image_batches, load_dataset
 from kd_core.engine.callbacks import AnalysisBundle, Callback, CKAAtCheckpoints
 from kd_core.engine.checkpoint import Checkpointer, load_weights
 from kd_core.engine.errors import TrainingError
@@ -66,10 +66,9 @@ class Experiment:
         self.guard = NonFiniteGuard()
         self.logger = MetricLogger(sink, on_flush=self.guard.check)
         self.phases = plan_phases(config)
-        self.data: DataSplits = load_dataset(
-            config.dataset.name, config.dataset.root, val_fraction=config.dataset.val_fraction, subset=config.dataset.subset,
-            image_size=config.dataset.image_size, seed=config.seed, classes=config.dataset.classes,
-        ).to(self.device)
+        d = config.dataset
+        self.data: DataSplits = load_dataset(d.name, d.root, val_fraction=d.val_fraction, subset=d.subset, image_size=d.image_size,
+                                             seed=config.seed, classes=d.classes, loader=d.loader, workers=d.workers, device=self.device)
         self.checkpointer = Checkpointer(self.dir, config_fingerprint(config), run_uid)
         self.callbacks: list[Callback] = [*callbacks]
         if config.analysis.enabled:
@@ -152,7 +151,7 @@ class Experiment:
         """Mean teacher embedding per class over the training set, in one vectorized pass (ND)."""
         with FeatureTap(teacher, embedding=True) as tap:
             embeddings = []
-            for xb, _ in iterate(self.data.train_x, self.data.train_y, EVAL_BATCH):
+            for xb in image_batches(self.data.train_x, EVAL_BATCH):
                 teacher(xb)
                 embeddings.append(tap.embedding.float())
         emb = torch.cat(embeddings)
@@ -186,7 +185,8 @@ class Experiment:
     def model_sizes(self) -> dict[str, Any]:
         student = create_model(self.config.student.arch, self.data.num_classes, self.data.in_channels, self.data.image_size)
         t, s = count_parameters(self.teacher), count_parameters(student)
-        return {"teacher_params": t, "student_params": s, "compression": round(t / s, 2), "device": str(self.device), "precision": self.precision.name}
+        return {"teacher_params": t, "student_params": s, "compression": round(t / s, 2), "device": str(self.device), "precision": self.precision.name,
+                "data_loader": self.data.loader, "data_loader_reason": self.data.loader_reason}
 
     def evaluate_fixed_teachers(self, progress: Progress) -> None:
         """Teachers not trained here (loaded, reused, random) are evaluated once, before any training."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kd_core.data import augment_batch, batch_indices, num_batches
+from kd_core.data import batch_indices, num_batches
 from kd_core.engine.callbacks import Callback
 from kd_core.engine.checkpoint import load_weights, save_weights
 from kd_core.engine.errors import StopRequested
@@ -110,22 +110,20 @@ class PhaseRun:
         progress.epoch = epoch
         batches = batch_indices(len(exp.data.train_y), cfg.batch_size, shuffle=True, seed=exp.config.seed, epoch=epoch)
         on_step = [c for c in exp.callbacks if type(c).on_step is not Callback.on_step]
-        for b in range(progress.batch, len(batches)):
-            t0 = time.perf_counter()
-            idx = batches[b].to(exp.device)
-            x, y = exp.data.train_x[idx], exp.data.train_y[idx]
-            if exp.config.dataset.augment:
-                # seeded per batch, so a run resumed mid-epoch sees the same crops and flips
-                aug_gen = torch.Generator().manual_seed((exp.config.seed * 7919 + epoch) * 100_003 + b)
-                x = augment_batch(x, flip=exp.data.flip, generator=aug_gen)
-            batch = Batch(x, y, idx)
+        t0 = time.perf_counter()
+        train = exp.data.train_x.train_batches(batches, start=progress.batch, epoch=epoch, seed=exp.config.seed,
+                                               augment=exp.config.dataset.augment, flip=exp.data.flip)
+        for b, idx, x in train:
+            batch = Batch(x, exp.data.train_y[idx], idx)
             if self.method is not None:
                 batch = self.method.prepare_batch(batch, torch.Generator().manual_seed((exp.config.seed * 7927 + epoch) * 100_019 + b))
             out = self.step(batch, epoch=epoch, epoch_progress=epoch + b / len(batches), step=progress.step, total_steps=self.total_steps)
             progress.step += 1
             progress.batch = b + 1
             values = self.step.logged_values(out)
-            values["images_per_s"] = len(idx) / max(time.perf_counter() - t0, 1e-9)
+            now = time.perf_counter()
+            values["images_per_s"] = len(idx) / max(now - t0, 1e-9)  # since the last step: waiting for data counts
+            t0 = now
             exp.logger.log(self.phase.name, progress.step, epoch, values)
             exp.reporter.images_seen += len(idx)
             exp.reporter.training(self.phase, progress, self.steps_per_epoch, {**self.teacher_mode, "trained_s": exp.trained_s(progress)})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kd_core.data import iterate
+from kd_core.data import image_batches
 from kd_core.engine.evaluation import EVAL_BATCH
 from kd_core.engine.precision import Precision
 from kd_core.features import FeatureTap
@@ -58,7 +58,7 @@ class TeacherOutputs:
     def _compute_cache(self, train_x: torch.Tensor) -> dict[str, torch.Tensor]:
         with FeatureTap(self.teacher, embedding="embedding" in self.needs) as tap:
             logits, embeddings = [], []
-            for xb, _ in iterate(train_x, train_x, EVAL_BATCH):
+            for xb in image_batches(train_x, EVAL_BATCH):
                 with self.precision.autocast():
                     logits.append(self.teacher(xb).float())
                 if tap.embedding is not None:
