@@ -162,6 +162,8 @@ def summary_block(run) -> None:
     if trained is not None:
         facts.append(f"trained {duration_text(trained)} (summed across resumes)"
                      + (f" + analysis {duration_text(s['analysis_s'])}" if s.get("analysis_s") else ""))
+    if s.get("data_loader"):
+        facts.append(f"data {s['data_loader']}" + (f" ({s['data_loader_reason']})" if s.get("data_loader_reason") else ""))
     if s.get("selection_split"):
         facts.append(f"'best' = best epoch on the {s['selection_split']} split")
     if any(facts):

@@ -47,6 +47,7 @@ FIELDS: tuple[Field, ...] = (
     Field("dataset.name", "ds_name", TEXT), Field("dataset.root", "ds_root", TEXT),
     Field("dataset.val_fraction", "ds_val", FLOAT), Field("dataset.augment", "ds_augment", BOOL),
     Field("dataset.subset", "ds_subset", OPT_INT), Field("dataset.image_size", "ds_image_size", OPT_INT),
+    Field("dataset.loader", "ds_loader", TEXT), Field("dataset.workers", "ds_workers", OPT_INT),
     *_model_fields("teacher"), *_model_fields("student"),
     Field("baseline", "baseline", BOOL), Field("cache_teacher", "cache_teacher", BOOL),
     Field("checkpoint_every_s", "ckpt_s", FLOAT),

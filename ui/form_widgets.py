@@ -62,6 +62,11 @@ def dataset_section(check: FormCheck) -> None:
         st.write("")
         st.checkbox("Augment", key=f"{P}ds_augment", help=HELP["augment"])
     _row_problems(check, ("val_fraction", "subset", "image_size", "augment"), "dataset.")
+    c = st.columns(4)
+    c[0].selectbox("Loader", options_with(["auto", "resident", "streaming"], ss.get(f"{P}ds_loader")), key=f"{P}ds_loader",
+                   help=HELP["loader"])
+    c[1].number_input("Loader workers", key=f"{P}ds_workers", placeholder="one per core", help=HELP["workers"], **WHOLE)
+    _row_problems(check, ("loader", "workers"), "dataset.")
     show_problems(check, "dataset")
 
 

@@ -48,6 +48,11 @@ HELP = {
     "augment": "Random crops (and flips where they make sense) of training images: less over-fitting, slower.",
     "subset": "Train on at most this many images (a random, class-balanced pick) for a quick try. Empty = all.",
     "image_size": "Resize images to this side length (imagefolder datasets). Empty = the dataset's size.",
+    "loader": "resident: the images are kept as bytes on the training device (GPU or RAM) and cropped there, the fastest "
+    "way for datasets that fit. streaming: image files are decoded by worker processes, batch by batch, so memory stays flat "
+    "whatever the folder's size (imagefolder only; random resized crops when augmenting). auto: resident when the images fit "
+    "a quarter of the free memory; the run page says which was picked and why.",
+    "workers": "Processes decoding images for the streaming loader. Empty = one per core (at most 8).",
     "arch": "The network architecture. The teacher is usually big and accurate, the student small and fast.",
     "epochs": "Passes over the training images.",
     "batch_size": "Images per optimisation step.",

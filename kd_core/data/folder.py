@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from kd_core.data.registry import DatasetUnavailable, split_fixed
 
@@ -62,15 +64,11 @@ def index_folder(root: str | Path) -> FolderIndex:
 
 def decode_rgb(path: str) -> torch.Tensor:
     """The image at ``path`` as uint8 RGB, CHW."""
-    from PIL import Image
-
     with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"))
+        pixels = np.array(image.convert("RGB"))  # a writable copy
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def decode_resized(path: str, size: int) -> torch.Tensor:
     """The image at ``path`` squashed to ``size``×``size`` (how a resident folder is stored)."""
-    from torchvision.transforms.v2 import functional as TF
-
     return TF.resize(decode_rgb(path), [size, size], antialias=True)

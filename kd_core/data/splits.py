@@ -108,7 +108,7 @@ def load_dataset(
     root = root or default_dataset_root()
     kind, reason, index = choose_loader(info, root, image_size, loader, torch.device(device))
     if kind == "streaming":
-        from kd_core.data.streamed_splits import streamed_splits
+        from kd_core.data.streaming import streamed_splits
 
         splits = streamed_splits(index, info.flip, image_size or info.image_size, val_fraction=val_fraction, subset=subset,
                                  seed=seed, classes=classes, workers=workers)

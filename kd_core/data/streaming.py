@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF  # imported before workers fork: each would pay ~1 s
 
 from kd_core.data.augment import image_generator, random_resized_crop_box
 from kd_core.data.folder import decode_rgb
@@ -40,8 +41,6 @@ class _Decoded(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        from torchvision.transforms.v2 import functional as TF
-
         image = decode_rgb(self.paths[i])
         if self.train:
             gen = image_generator(self.seed, self.epoch, i)
