@@ -59,7 +59,8 @@ def kd_core_images_per_s(rows: list[dict], batch_size: int, n_train: int) -> flo
 
 def plain_loop(args: argparse.Namespace) -> float:
     """The baseline: what one would write by hand, with no logging, caching or checkpoints."""
-    data = load_dataset(args.dataset, val_fraction=0.0).to(args.device)
+    data = load_dataset(args.dataset, val_fraction=0.0, device=args.device)
+    train_x = data.train_x[:]  # float32, normalized once: how a hand-written loop holds a small dataset
     torch.manual_seed(0)
     teacher = create_model(args.teacher, data.num_classes, data.in_channels, data.image_size).to(args.device).eval()
     student = create_model(args.student, data.num_classes, data.in_channels, data.image_size).to(args.device)
@@ -68,7 +69,7 @@ def plain_loop(args: argparse.Namespace) -> float:
     images, start = 0, None
     for epoch in range(args.epochs):
         for idx in batch_indices(len(data.train_y), args.batch_size, shuffle=True, seed=0, epoch=epoch):
-            x, y = data.train_x[idx], data.train_y[idx]
+            x, y = train_x[idx], data.train_y[idx]
             with torch.no_grad():
                 t_logits = teacher(x)
             logits = student(x)

@@ -207,6 +207,8 @@ class ExperimentConfig(_Strict):
     method: MethodConfig | None = Field(None, description="a method that changes the training loop; none = the plain recipe")
     baseline: bool = Field(True, description="also train the student with CE only, same seed")
     cache_teacher: bool = Field(True, description="compute teacher outputs once when nothing makes them vary")
+    channels_last: bool | Literal["auto"] = Field("auto", description="channels-last memory layout of the models; auto = on CUDA only")
+    compile: bool = Field(False, description="torch.compile the student (and a teacher trained here); the first steps pay the compilation")
     checkpoint_every_s: float = Field(60.0, ge=1, description="also checkpoint mid-epoch this often")
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
@@ -221,16 +223,30 @@ class ExperimentConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# Fields that do not change what is trained: renaming a run must not make its checkpoint foreign.
-_NOT_FINGERPRINTED = ("name",)
+# Fields that do not change what is trained: renaming a run (or giving its loader more workers) must not make
+# its checkpoint foreign.
+_NOT_FINGERPRINTED = (("name",), ("dataset", "workers"))
+# Fields added after runs were stored, with their defaults: a config that leaves one at its default keeps the
+# fingerprint it had before the field existed, so its checkpoint still resumes.
+_ADDED_LATER = {("dataset", "classes"): None, ("dataset", "loader"): "auto", ("channels_last",): "auto", ("compile",): False}
 
 
 def config_fingerprint(config: ExperimentConfig) -> str:
     """SHA-256 of everything in ``config`` that affects training (all but the name), canonically encoded."""
-    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
-    if data["dataset"].get("classes") is None:  # added later: configs without it keep their fingerprint
-        data["dataset"] = {k: v for k, v in data["dataset"].items() if k != "classes"}
+    data = config.model_dump(mode="json")
+    dropped = [path for path in _NOT_FINGERPRINTED] + [path for path, default in _ADDED_LATER.items() if lookup_path(data, path) == default]
+    for *parents, key in dropped:
+        section = data
+        for part in parents:
+            section = section[part]
+        section.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def lookup_path(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    return data
 
 
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str:

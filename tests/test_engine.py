@@ -302,3 +302,16 @@ def test_the_analysis_views_never_change_what_is_trained(tmp_path: Path) -> None
     for phase in ("student", "baseline"):
         a, b = load_file(str(tmp_path / "off" / f"{phase}.safetensors")), load_file(str(tmp_path / "on" / f"{phase}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), phase
+
+
+@pytest.mark.skipif(not os.environ.get("DISTILLERY_SLOW_TESTS"), reason="torch.compile's first compilation takes ~40 s on 2 cores")
+def test_a_compiled_channels_last_student_learns_what_the_eager_one_does(tmp_path: Path) -> None:
+    """compile: true and channels_last: true change how the student runs, not what it learns (to float tolerance),
+    and its checkpoint loads into a plain model (the compiled module keeps its state-dict keys)."""
+    settings = dict(baseline=False, teacher={"arch": "cnn_small", "source": "random", "epochs": 0},
+                    student={"arch": "cnn_tiny", "epochs": 1, "batch_size": 32})
+    eager = run_experiment(tiny(**settings), MemorySink(), tmp_path / "eager")
+    compiled = run_experiment(tiny(**settings, compile=True, channels_last=True), MemorySink(), tmp_path / "compiled")
+    assert compiled["student_acc"] == pytest.approx(eager["student_acc"], abs=2.0)
+    a, b = load_file(str(tmp_path / "eager" / "student.safetensors")), load_file(str(tmp_path / "compiled" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)

@@ -17,6 +17,7 @@ import yaml
 
 P = "nx_"  # key prefix of every form widget
 TEXT, INT, OPT_INT, FLOAT, BOOL, TEXT_LIST = "text", "int", "optional int", "float", "bool", "text list"
+AUTO_BOOL = "true, false or auto"
 MAX_INT = 2**53 - 1  # the largest whole number a browser's number field holds exactly
 ROLES = {"teacher": "t_", "student": "s_"}
 TERM_KEYS = ("loss", "weight", "params", "warmup_epochs")
@@ -50,6 +51,7 @@ FIELDS: tuple[Field, ...] = (
     Field("dataset.loader", "ds_loader", TEXT), Field("dataset.workers", "ds_workers", OPT_INT),
     *_model_fields("teacher"), *_model_fields("student"),
     Field("baseline", "baseline", BOOL), Field("cache_teacher", "cache_teacher", BOOL),
+    Field("channels_last", "channels_last", AUTO_BOOL), Field("compile", "compile", BOOL),
     Field("checkpoint_every_s", "ckpt_s", FLOAT),
     Field("analysis.enabled", "an_enabled", BOOL), Field("analysis.cka_checkpoints", "an_cka", INT),
     Field("analysis.samples", "an_samples", INT), Field("analysis.attribution_images", "an_attr", INT),
@@ -129,6 +131,9 @@ def fit(kind: str, value: Any) -> tuple[bool, Any, str]:
         return True, number, ""
     if kind == BOOL:
         return (True, value, "") if isinstance(value, bool) else (False, None, f"expected true or false, got {value!r}")
+    if kind == AUTO_BOOL:
+        ok = isinstance(value, bool) or value == "auto"
+        return (True, value, "") if ok else (False, None, f"expected true, false or auto, got {value!r}")
     if kind == TEXT_LIST:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return (True, list(value), "") if ok else (False, None, f"expected a list of names, got {value!r}")

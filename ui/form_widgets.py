@@ -273,6 +273,11 @@ def options_section(check: FormCheck) -> None:
     c[1].checkbox("Cache teacher outputs", key=f"{P}cache_teacher", help=HELP["cache_teacher"])
     c[2].number_input("Checkpoint every (s)", key=f"{P}ckpt_s", step=30.0, format="%g", help=HELP["ckpt"])
     _row_problems(check, ("baseline", "cache_teacher", "checkpoint_every_s"))
+    c = st.columns(3)
+    c[0].selectbox("Channels-last layout", ["auto", True, False], key=f"{P}channels_last", help=HELP["channels_last"],
+                   format_func=lambda v: "auto (on for CUDA)" if v == "auto" else ("on" if v else "off"))
+    c[1].checkbox("Compile the student (torch.compile)", key=f"{P}compile", help=HELP["compile"])
+    _row_problems(check, ("channels_last", "compile"))
     c = st.columns([2, 1, 1, 1, 2])
     c[0].checkbox("Compute the analysis views", key=f"{P}an_enabled", help=HELP["analysis"])
     off = not ss.get(f"{P}an_enabled", True)

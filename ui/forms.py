@@ -38,6 +38,10 @@ HELP = {
     "projections": "2-D maps of the embeddings. PCA is instant; t-SNE and UMAP show clusters better but take tens of seconds.",
     "cache_teacher": "Compute the teacher's outputs once and reuse them when nothing (like augmentation) changes them. "
     "Faster; off only for debugging.",
+    "channels_last": "Memory layout of the models' feature maps. Channels-last is faster for convolutions on recent GPUs "
+    "(tensor cores), usually slower on a CPU. auto = on for CUDA, off on CPU.",
+    "compile": "torch.compile the model being trained: faster steps on a GPU once compiled, but the first steps (and each "
+    "new batch shape, e.g. evaluation) pay the compilation, tens of seconds. Off by default.",
     "ckpt": "Besides every epoch, also save a checkpoint this often (seconds), so a cancelled or crashed run can resume "
     "close to where it stopped.",
     "dataset": "The images to train on. Bundled datasets work offline; torchvision ones download into the root "

@@ -84,9 +84,14 @@ class Experiment:
     def new_model(self, arch: str, seed_offset: int = 0) -> nn.Module:
         seed_everything(self.config.seed + seed_offset)
         model = create_model(arch, self.data.num_classes, self.data.in_channels, self.data.image_size).to(self.device)
-        if self.device.type == "cuda":
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+    @property
+    def channels_last(self) -> bool:
+        setting = self.config.channels_last
+        return self.device.type == "cuda" if setting == "auto" else bool(setting)
 
     @property
     def teacher(self) -> nn.Module | None:

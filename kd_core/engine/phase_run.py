@@ -36,6 +36,9 @@ class PhaseRun:
         cfg = phase.model_config
         trains_teacher = phase.teacher_index is not None
         self.model = exp.teachers[phase.teacher_index] if phase.teacher_index is not None else exp.new_model(cfg.arch)
+        if exp.config.compile:
+            # in place: the state dict keeps its keys, so checkpoints load into a model that is not compiled
+            self.model.compile()
         self.teacher = None if trains_teacher else exp.freeze_teacher()
         self.losses = exp.build_losses(phase.recipe, self.model, self.teacher)
         self.method = exp.build_method(self.model) if phase.name == "student" else None
