@@ -204,6 +204,7 @@ def test_four_runs_share_two_slots_while_a_reader_polls(runner_store: Store) -> 
     assert peak <= 2
     for run_id, config in zip(run_ids, configs):
         assert_continuous(store, run_id, config)
+    assert "data: resident (synthetic is loaded whole and kept on the cpu as uint8)" in read_log(store, run_ids[0])
 
     # the last worker folds the WAL back into the database when it ends
     wait_exited(store, run_ids)

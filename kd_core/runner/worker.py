@@ -93,6 +93,12 @@ class LoggingSink:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def update_summary(self, summary: dict[str, Any]) -> None:
+        self.inner.update_summary(summary)
+        if summary.get("data_loader"):
+            log(f"data: {summary['data_loader']} ({summary.get('data_loader_reason', '')}); device {summary.get('device')}, "
+                f"precision {summary.get('precision')}")
+
     def update_progress(self, progress: dict[str, Any]) -> None:
         from kd_core.engine.reporting import progress_line
 
