@@ -128,3 +128,14 @@ def test_the_analysis_of_a_streamed_run_reads_its_images_like_a_resident_one(fol
     summary = run_experiment(cfg, MemorySink(), tmp_path)
     assert "analysis_error" not in summary, summary.get("analysis_error")
     assert summary["data_loader"] == "streaming" and (tmp_path / "analysis.safetensors").exists()
+
+
+def test_a_streamed_run_without_augmentation_caches_the_teachers_outputs(folder: Path, tmp_path: Path) -> None:
+    """Un-augmented streamed images are the evaluation transform's, every epoch: the teacher runs once, and the
+    student learns what it learns from a teacher run live every step."""
+    cached = run_experiment(config(folder, loader="streaming", workers=0, augment=False), MemorySink(), tmp_path / "cached")
+    live_cfg = config(folder, loader="streaming", workers=0, augment=False).model_copy(update={"cache_teacher": False})
+    live = run_experiment(live_cfg, MemorySink(), tmp_path / "live")
+    assert cached["teacher_outputs"] == "cached" and live["teacher_outputs"] == "live"
+    a, b = load_file(str(tmp_path / "cached" / "student.safetensors")), load_file(str(tmp_path / "live" / "student.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
