@@ -9,7 +9,7 @@ resized (shorter side to size × 8/7) and centre-cropped. Batches are pinned whe
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def default_workers() -> int:
 class _Decoded(Dataset):
     """Item ``i`` -> (uint8 CHW image of ``size``², label, i). ``train`` crops randomly per (seed, epoch, i)."""
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, size: int, *, train: bool, flip: bool, seed: int, epoch: int) -> None:
+    def __init__(self, paths: np.ndarray, labels: np.ndarray, size: int, *, train: bool, flip: bool, seed: int, epoch: int) -> None:
         self.paths, self.labels, self.size = paths, labels, size
         self.train, self.flip, self.seed, self.epoch = train, flip, seed, epoch
 
@@ -41,7 +41,7 @@ class _Decoded(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image = decode_rgb(self.paths[i])
+        image = decode_rgb(self.paths[i].decode())
         if self.train:
             gen = image_generator(self.seed, self.epoch, i)
             top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], gen)
@@ -63,7 +63,10 @@ class StreamingImages(ImageSet):
     kind = "streaming"
 
     def __init__(self, paths: list[str], y: np.ndarray, size: int, normalizer: Normalizer, *, workers: int) -> None:
-        self.paths, self.labels, self.size, self.normalizer, self.workers = paths, y, size, normalizer, workers
+        # one bytes array, not a list of str: forked workers that touch a Python object copy its page (reference
+        # counts), so a list of a million paths would be copied into every worker (pytorch/pytorch#13246)
+        self.paths = np.array([p.encode() for p in paths], dtype=np.bytes_)
+        self.labels, self.size, self.normalizer, self.workers = y, size, normalizer, workers
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     @property
@@ -112,8 +115,9 @@ def sample_stats(paths: list[str], size: int, *, limit: int = 2000, workers: int
     from kd_core.data.images import channel_stats
 
     picks = np.unique(np.linspace(0, len(paths) - 1, num=min(limit, len(paths))).round().astype(int)).tolist()
-    dataset = _Decoded(paths, np.zeros(len(paths), dtype=np.int64), size, train=False, flip=False, seed=0, epoch=0)
-    order = [picks[i : i + 256] for i in range(0, len(picks), 256)]
+    sample = np.array([paths[i].encode() for i in picks], dtype=np.bytes_)
+    dataset = _Decoded(sample, np.zeros(len(picks), dtype=np.int64), size, train=False, flip=False, seed=0, epoch=0)
+    order = [list(range(i, min(i + 256, len(picks)))) for i in range(0, len(picks), 256)]
     loader = DataLoader(dataset, batch_sampler=order, num_workers=min(workers, len(order)), collate_fn=_collate)
     images = np.concatenate([batch.numpy() for batch, _ in loader])
     return channel_stats(images, 255)
