@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 
 class DatasetUnavailable(RuntimeError):
@@ -194,7 +193,3 @@ def _imagefolder(root: str, image_size: int | None) -> RawImages:
         return out
 
     return RawImages(decode(index.train_paths), index.train_y, decode(index.test_paths), index.test_y, index.class_names)
-
-
-def as_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))

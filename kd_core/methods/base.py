@@ -27,6 +27,7 @@ from torch import nn
 from kd_core.losses.base import LossInputs, ModelShapes
 
 if TYPE_CHECKING:
+    from kd_core.data import ImageSet
     from kd_core.config import ExperimentConfig
     from kd_core.engine.experiment import PhaseRun
     from kd_core.engine.precision import Precision
@@ -42,15 +43,15 @@ class MethodContext:
     num_train: int
     in_channels: int
     image_size: int
-    # the validation split on the training device (None when the config holds none out); a method never
-    # sees the test split
-    val_x: torch.Tensor | None = None
+    # the validation split (None when the config holds none out): normalized images when indexed, on the
+    # training device, resident or streamed; a method never sees the test split
+    val_x: ImageSet | None = None
     val_y: torch.Tensor | None = None
     # the run's config (seed, the student's batch size and optimizer), for methods that need more than shapes
     config: ExperimentConfig | None = None
-    # the training split as the student phase sees it (normalized, on the run's device, never augmented);
+    # the training split as the student phase sees it (normalized when indexed, never augmented);
     # for methods that fit something to the teacher before training (LELP's per-class subspaces)
-    train_x: torch.Tensor | None = None
+    train_x: ImageSet | None = None
     train_y: torch.Tensor | None = None
 
 
