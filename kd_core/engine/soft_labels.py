@@ -10,7 +10,7 @@ Layout, under ``soft_labels_root()/<key>/`` (key: :mod:`kd_core.engine.soft_labe
 * ``epoch_0003.safetensors`` per completed epoch: ``batch_sizes`` (int64 ``[B]``) and either ``logits``
   (float32 ``[N, C]``, the batches concatenated in order) or, for a top-k store, ``probs`` (float32 ``[N, k]``,
   softmax at T=1) with ``indices`` (int32 ``[N, k]``). Written under a temporary name, then renamed (atomic).
-* ``manifest.json``: the key's fields, the format, num_classes, batches per epoch and, per complete epoch, its
+* ``manifest.json``: the key's fields, the format, num_classes, batches per epoch (and their sizes) and, per complete epoch, its
   file's SHA-256. An epoch is readable only once it is listed there, after its file was renamed into place.
 
 Reading never unpickles (safetensors only) and checks the manifest's fields, the file's hash, and every
@@ -106,7 +106,7 @@ class SoftLabelStore:
     def _expected_manifest(self) -> dict[str, Any]:
         return {"version": MANIFEST_VERSION, "key": self.key, "fields": self.fields, "format": self.storage["format"],
                 "top_k": self.top_k, "num_classes": self.num_classes, "batches_per_epoch": len(self.batch_sizes),
-                "samples_per_epoch": sum(self.batch_sizes)}
+                "batch_sizes": self.batch_sizes}
 
     def manifest(self) -> dict[str, Any]:
         """The manifest on disk when it is this key's; an empty one (no complete epoch) when absent or foreign."""
