@@ -235,3 +235,15 @@ def test_a_bad_top_k_is_refused_with_its_field_path() -> None:
         tiny(soft_labels={"top_k": 10})
     with pytest.raises(ConfigError, match=r"soft_labels\.top_k"):
         tiny(soft_labels={"top_k": 0})
+
+
+def test_the_run_page_line_says_where_the_teacher_outputs_came_from(tmp_path: Path) -> None:
+    from ui.method_view import teacher_outputs_line
+
+    first = run_experiment(tiny(student={**TINY["student"], "epochs": 1}), MemorySink(), tmp_path / "first")
+    second = run_experiment(tiny(student={**TINY["student"], "epochs": 1}), MemorySink(), tmp_path / "second")
+    key = first["teacher_outputs_store"]["key"][:12]
+    assert teacher_outputs_line(first) == (f"teacher outputs live (augmentation changes the teacher's input every epoch); "
+                                           f"epochs 0 written to the soft-label store for later runs (key {key})")
+    assert teacher_outputs_line(second) == f"teacher outputs stored: read from the soft-label store, the teacher did not run (key {key})"
+    assert teacher_outputs_line({"teacher_outputs": "cached"}) == "teacher outputs cached in memory (computed once before training)"
