@@ -247,3 +247,12 @@ def test_the_run_page_line_says_where_the_teacher_outputs_came_from(tmp_path: Pa
                                            f"epochs 0 written to the soft-label store for later runs (key {key})")
     assert teacher_outputs_line(second) == f"teacher outputs stored: read from the soft-label store, the teacher did not run (key {key})"
     assert teacher_outputs_line({"teacher_outputs": "cached"}) == "teacher outputs cached in memory (computed once before training)"
+
+
+def test_the_form_keeps_the_soft_label_settings() -> None:
+    from ui.form_state import config_to_state, state_to_config
+
+    state, problems = config_to_state(tiny(soft_labels={"store": False, "top_k": 3}).model_dump(mode="json"))
+    assert problems == []
+    config, problems = state_to_config(state)
+    assert problems == [] and config["soft_labels"] == {"store": False, "top_k": 3}

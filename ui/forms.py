@@ -38,6 +38,11 @@ HELP = {
     "projections": "2-D maps of the embeddings. PCA is instant; t-SNE and UMAP show clusters better but take tens of seconds.",
     "cache_teacher": "Compute the teacher's outputs once and reuse them when nothing (like augmentation) changes them. "
     "Faster; off only for debugging.",
+    "soft_labels": "With augmentation on, write the teacher's logits of each finished epoch to a shared store "
+    "(DISTILLERY_HOME/soft_labels); later runs with the same teacher, data, seed and batch size read them instead of "
+    "running the teacher.",
+    "top_k": "More than 100 classes only: store each image's k largest teacher probabilities instead of all logits "
+    "(smaller, lossy: the remaining probability is spread evenly). Empty = full logits.",
     "ckpt": "Besides every epoch, also save a checkpoint this often (seconds), so a cancelled or crashed run can resume "
     "close to where it stopped.",
     "dataset": "The images to train on. Bundled datasets work offline; torchvision ones download into the root "

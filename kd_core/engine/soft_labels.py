@@ -149,8 +149,8 @@ class SoftLabelStore:
         data = safetensors.torch.save(tensors, metadata={"key": self.key, "epoch": str(epoch), "format": self.storage["format"]})
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"epoch_{epoch:04d}.safetensors"
-        _atomic_write(path, data)
-        with self._locked():  # concurrent runs of the same key each add their epochs, none is lost
+        with self._locked():  # concurrent runs of the same key: each file and its manifest entry land together
+            _atomic_write(path, data)
             manifest = self.manifest()
             manifest["epochs"][str(epoch)] = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             _atomic_write(self.folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
