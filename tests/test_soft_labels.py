@@ -94,8 +94,8 @@ def test_the_store_is_used_only_when_augmentation_alone_blocks_the_cache(tmp_pat
 def test_top_k_reconstruction_keeps_the_top_probabilities_and_spreads_the_rest() -> None:
     """(c) on 150 classes: softmax of the reconstruction is the kept probabilities plus an even tail."""
     logits = torch.randn(64, 150, generator=torch.Generator().manual_seed(0)) * 3
-    probs, indices = compress_top_k(logits, 5)
-    q = torch.softmax(reconstruct_logits(probs, indices, 150), dim=1)
+    probs, indices, tail = compress_top_k(logits, 5)
+    q = torch.softmax(reconstruct_logits(probs, indices, 150, tail), dim=1)
     true = torch.softmax(logits, dim=1)
     assert torch.allclose(q.gather(1, indices.long()), true.gather(1, indices.long()), atol=1e-6)
     assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-5)
@@ -106,7 +106,12 @@ def test_top_k_reconstruction_keeps_the_top_probabilities_and_spreads_the_rest()
     # all the mass in the top k: the tail is floored, never log(0) (a NaN in the KL term)
     peaked = torch.zeros(2, 150)
     peaked[:, 7] = 200.0
-    assert torch.isfinite(reconstruct_logits(*compress_top_k(peaked, 2), 150)).all()
+    assert torch.isfinite(reconstruct_logits(*compress_top_k(peaked, 2)[:2], 150)).all()
+    # a confident teacher: the tail is summed, not 1 - sum(top k), which rounds to 0 or to float32 noise
+    confident = torch.zeros(1, 150)
+    confident[0, 0], confident[0, 1:] = 30.0, torch.linspace(0, 10, 149)
+    probs, indices, tail = compress_top_k(confident, 3)
+    assert torch.allclose(tail, torch.softmax(confident.double(), 1)[0].sort().values[:-3].sum().float()[None], rtol=1e-4)
 
 
 def many_class_folder(root: Path, classes: int = 110, per_class: int = 4) -> Path:
@@ -133,6 +138,7 @@ def test_a_top_k_store_on_many_classes_is_written_read_and_trains_the_same_both_
     assert second["teacher_outputs"] == "stored" and second["student_acc"] == first["student_acc"]
     tensors = load_file(str(Path(first["teacher_outputs_store"]["path"]) / "epoch_0000.safetensors"))
     assert tensors["probs"].shape == tensors["indices"].shape == (352, 3) and tensors["indices"].dtype == torch.int32
+    assert tensors["tail"].shape == (352,)
     full = run_experiment(tiny(dataset=dataset, student={**TINY["student"], "epochs": 1}), MemorySink(), tmp_path / "full")
     assert full["teacher_outputs_store"]["format"] == {"format": "logits"} and full["teacher_outputs_store"]["key"] != first["teacher_outputs_store"]["key"]
     assert config_fingerprint(config) != config_fingerprint(tiny(dataset=dataset, student={**TINY["student"], "epochs": 2}))

@@ -9,7 +9,8 @@ Layout, under ``soft_labels_root()/<key>/`` (key: :mod:`kd_core.engine.soft_labe
 
 * ``epoch_0003.safetensors`` per completed epoch: ``batch_sizes`` (int64 ``[B]``) and either ``logits``
   (float32 ``[N, C]``, the batches concatenated in order) or, for a top-k store, ``probs`` (float32 ``[N, k]``,
-  softmax at T=1) with ``indices`` (int32 ``[N, k]``). Written under a temporary name, then renamed (atomic).
+  softmax at T=1) with ``indices`` (int32 ``[N, k]``) and ``tail`` (float32 ``[N]``, the probability outside the
+  top k, summed directly: 1 - sum(probs) would lose it to rounding when the teacher is confident). Written under a temporary name, then renamed (atomic).
 * ``manifest.json``: the key's fields, the format, num_classes, batches per epoch (and their sizes) and, per complete epoch, its
   file's SHA-256. An epoch is readable only once it is listed there, after its file was renamed into place.
 
@@ -17,7 +18,7 @@ Reading never unpickles (safetensors only) and checks the manifest's fields, the
 tensor's name, dtype and shape; anything else is :class:`StoreUnreadable` and the caller runs the teacher live.
 
 Top-k reconstruction (:func:`reconstruct_logits`): the kept probabilities p_i (i in the top k) are kept; the
-remaining mass r = 1 - sum p_i is spread evenly over the other C - k classes; the logits handed to the losses
+remaining mass r (``tail``) is spread evenly over the other C - k classes; the logits handed to the losses
 are log q (floored at 1e-12). Softmax at T=1 of these is exactly q; at temperature T the kept classes keep
 their exact ratios (log p_i = z_i - logsumexp z) and the tail becomes flat. Losses that read raw logit values
 (not shift-invariant) see z_i - logsumexp z instead of z_i. What the tail loses costs some accuracy when the
@@ -44,7 +45,7 @@ from kd_core.engine.soft_label_key import store_key
 FULL_LOGITS_MAX_CLASSES = 100  # at most this many classes, logits are small enough to keep whole (top_k is not used)
 TAIL_FLOOR = 1e-12  # the smallest reconstructed probability: log(0) would make KL terms NaN
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: top-k stores keep the tail mass
 
 
 class StoreUnreadable(Exception):
@@ -58,16 +59,19 @@ def storage_format(num_classes: int, top_k: int | None) -> dict[str, Any]:
     return {"format": "topk", "k": int(top_k)}
 
 
-def compress_top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest softmax probabilities (float32) of each row and their class indices (int32)."""
-    probs, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
-    return probs, indices.to(torch.int32)
+def compress_top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` largest softmax probabilities (float32) of each row, their class indices (int32) and the rest's sum."""
+    all_probs = torch.softmax(logits.float(), dim=1)
+    probs, indices = all_probs.topk(k, dim=1)
+    tail = all_probs.scatter(1, indices, 0.0).sum(1)
+    return probs, indices.to(torch.int32), tail
 
 
-def reconstruct_logits(probs: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Logits whose softmax keeps the top-k probabilities and spreads the rest evenly (see the module doc)."""
+def reconstruct_logits(probs: torch.Tensor, indices: torch.Tensor, num_classes: int, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits whose softmax keeps the top-k probabilities and spreads ``tail`` (default 1 - their sum) evenly."""
     k = probs.shape[1]
-    rest = (1 - probs.sum(1, keepdim=True)).clamp_min(0) / max(num_classes - k, 1)
+    tail = (1 - probs.sum(1)) if tail is None else tail
+    rest = tail.clamp_min(0)[:, None] / max(num_classes - k, 1)
     full = rest.expand(len(probs), num_classes).clone()
     full.scatter_(1, indices.long(), probs)
     return full.clamp_min(TAIL_FLOOR).log()
@@ -85,7 +89,8 @@ class EpochLabels:
         rows = slice(self.offsets[b], self.offsets[b + 1])
         if "logits" in self.tensors:
             return self.tensors["logits"][rows]
-        return reconstruct_logits(self.tensors["probs"][rows], self.tensors["indices"][rows], self.num_classes)
+        t = self.tensors
+        return reconstruct_logits(t["probs"][rows], t["indices"][rows], self.num_classes, t["tail"][rows])
 
 
 class SoftLabelStore:
@@ -133,8 +138,8 @@ class SoftLabelStore:
         """One batch of the teacher's float32 logits in this store's format (kept on the device until written)."""
         if self.top_k is None:
             return {"logits": logits.detach().float()}
-        probs, indices = compress_top_k(logits.detach(), self.top_k)
-        return {"probs": probs, "indices": indices}
+        probs, indices, tail = compress_top_k(logits.detach(), self.top_k)
+        return {"probs": probs, "indices": indices, "tail": tail}
 
     def decode(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the losses see of an encoded batch: the logits, or their top-k reconstruction."""
@@ -197,14 +202,14 @@ class SoftLabelStore:
         if k is None:
             expected["logits"] = (torch.float32, (n, self.num_classes))
         else:
-            expected.update(probs=(torch.float32, (n, k)), indices=(torch.int32, (n, k)))
+            expected.update(probs=(torch.float32, (n, k)), indices=(torch.int32, (n, k)), tail=(torch.float32, (n,)))
         found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
         if found != expected:
             raise StoreUnreadable(f"epoch {epoch}: tensors {found} do not match the manifest's {expected}")
         if tensors["batch_sizes"].tolist() != self.batch_sizes:
             raise StoreUnreadable(f"epoch {epoch}: its batch sizes differ from this run's")
-        values = tensors["logits"] if k is None else tensors["probs"]
-        if not bool(torch.isfinite(values).all()):
+        values = [tensors["logits"]] if k is None else [tensors["probs"], tensors["tail"]]
+        if not all(bool(torch.isfinite(v).all()) for v in values):
             raise StoreUnreadable(f"epoch {epoch}: non-finite values")
         if k is not None and not bool(((tensors["indices"] >= 0) & (tensors["indices"] < self.num_classes)).all()):
             raise StoreUnreadable(f"epoch {epoch}: class indices outside 0..{self.num_classes - 1}")
