@@ -23,6 +23,8 @@ are log q (floored at 1e-12). Softmax at T=1 of these is exactly q; at temperatu
 their exact ratios (log p_i = z_i - logsumexp z) and the tail becomes flat. Losses that read raw logit values
 (not shift-invariant) see z_i - logsumexp z instead of z_i. What the tail loses costs some accuracy when the
 teacher's dark knowledge lies beyond the top k (bench/throughput.py measures it); full logits lose nothing.
+Storing top-k soft labels with the rest spread evenly follows the label compression of FKD (Shen & Xing, "A Fast
+Knowledge Distillation Framework for Visual Recognition", ECCV 2022), which stores ImageNet soft labels once too.
 """
 
 from __future__ import annotations
