@@ -22,7 +22,7 @@ remaining mass r (``tail``) is spread evenly over the other C - k classes; the l
 are log q (floored at 1e-12). Softmax at T=1 of these is exactly q; at temperature T the kept classes keep
 their exact ratios (log p_i = z_i - logsumexp z) and the tail becomes flat. Losses that read raw logit values
 (not shift-invariant) see z_i - logsumexp z instead of z_i. A flat tail costs accuracy, more at a high KD
-temperature: softmax(log q / T) raises the tail's mean probability to 1/T, which (Jensen) gives the tail far more
+temperature: softmax(log q / T) takes the 1/T-th power of the tail's mean probability, which (Jensen) gives the tail far more
 tempered mass than the many tiny probabilities it replaces. Measured (bench/throughput.py, 200 classes, top-10):
 -5.1 points at T=1, -23.8 at T=4. Full logits lose nothing (bit-identical).
 Storing top-k soft labels with the rest spread evenly follows the label compression of FKD (Shen & Xing, "A Fast
