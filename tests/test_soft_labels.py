@@ -262,3 +262,10 @@ def test_the_form_keeps_the_soft_label_settings() -> None:
     assert problems == []
     config, problems = state_to_config(state)
     assert problems == [] and config["soft_labels"] == {"store": False, "top_k": 3}
+
+
+def test_a_method_that_reads_the_live_teacher_outside_the_losses_keeps_it_live() -> None:
+    from kd_core.methods import create_method
+
+    assert "discriminator" in create_method("meal_v2", {"discriminator": True}).soft_label_store_blocker()
+    assert create_method("meal_v2", {"discriminator": False}).soft_label_store_blocker() is None
