@@ -192,6 +192,15 @@ class AnalysisConfig(_Strict):
     projections: list[Literal["pca", "tsne", "umap"]] = Field(default_factory=lambda: ["pca"], min_length=1)
 
 
+class SoftLabelsConfig(_Strict):
+    """The teacher's per-epoch outputs on augmented batches, stored once and read by later runs (kd_core.engine.soft_labels)."""
+
+    store: bool = Field(True, description="write the teacher's logits of each augmented epoch once; later runs with the same "
+                        "teacher, data and augmentation read them instead of running the teacher")
+    top_k: int | None = Field(None, ge=1, description="for more than 100 classes: keep only the k largest teacher probabilities "
+                              "per image (lossy; see the README); none = full float32 logits")
+
+
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", min_length=1, max_length=200)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -209,6 +218,7 @@ class ExperimentConfig(_Strict):
     cache_teacher: bool = Field(True, description="compute teacher outputs once when nothing makes them vary")
     channels_last: bool | Literal["auto"] = Field("auto", description="channels-last memory layout of the models; auto = on CUDA only")
     compile: bool = Field(False, description="torch.compile the student (and a teacher trained here); the first steps pay the compilation")
+    soft_labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
     checkpoint_every_s: float = Field(60.0, ge=1, description="also checkpoint mid-epoch this often")
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
@@ -240,6 +250,11 @@ def config_fingerprint(config: ExperimentConfig) -> str:
         for part in parents:
             section = section[part]
         section.pop(key, None)
+    # only a top-k store changes what the student learns from (full logits read back are bit-equal to live ones);
+    # added later, so a config without top-k keeps its fingerprint
+    soft_labels = data.pop("soft_labels", None) or {}
+    if soft_labels.get("store") and soft_labels.get("top_k") is not None:
+        data["soft_labels_top_k"] = soft_labels["top_k"]
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

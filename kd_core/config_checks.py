@@ -27,7 +27,15 @@ def config_errors(config: ExperimentConfig, run_teachers: RunTeachers | None) ->
         errors += _source_errors(config, teacher, "teacher" if i == 0 else f"teachers[{i - 1}]", run_teachers)
     if config.student.epochs == 0:
         errors.append(("student.epochs", "the student needs at least 1 epoch"))
-    return errors
+    return errors + _soft_label_errors(config)
+
+
+def _soft_label_errors(config: ExperimentConfig) -> Errors:
+    top_k, num_classes = config.soft_labels.top_k, num_classes_of(config.dataset.name, config.dataset.classes)
+    if top_k is not None and num_classes and top_k >= num_classes:  # 0 classes: imagefolder, known once read
+        return [("soft_labels.top_k", f"keep fewer than the dataset's {num_classes} classes (1 to {num_classes - 1}), "
+                 "or leave it out for full logits")]
+    return []
 
 
 def _param_errors(where: str, kind: str, name: str, params: dict[str, Any], allowed: dict[str, Any]) -> Errors:

@@ -29,6 +29,11 @@ def artifacts_root() -> Path:
     return Path(os.environ.get("DISTILLERY_ARTIFACTS", data_home() / "artifacts")).expanduser()
 
 
+def soft_labels_root() -> Path:
+    """Stored teacher soft labels, shared by every run with the same teacher and data (``DISTILLERY_SOFT_LABELS``)."""
+    return Path(os.environ.get("DISTILLERY_SOFT_LABELS", data_home() / "soft_labels")).expanduser()
+
+
 def run_dir(run_uid: str) -> Path:
     """A run's folder, keyed by its identity (unique across databases), never by its reusable number."""
     if not run_uid or not run_uid.isalnum():

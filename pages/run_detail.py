@@ -112,8 +112,9 @@ def progress_block(run) -> None:
     trained = trained_seconds(None, p)
     if trained is not None:
         detail.append(f"trained {duration_text(trained)} so far (across resumes)")
-    if p.get("teacher_outputs"):
-        detail.append(f"teacher outputs {p['teacher_outputs']}" + (f" ({p['teacher_outputs_reason']})" if p.get("teacher_outputs_reason") else ""))
+    teacher_line = method_view.teacher_outputs_line(p)
+    if teacher_line:
+        detail.append(teacher_line)
     if run.heartbeat_at:
         detail.append(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {ui_state.LIVE_REFRESH_S:g} s")
     if detail:
@@ -166,6 +167,7 @@ def summary_block(run) -> None:
         facts.append(f"data {s['data_loader']}" + (f" ({s['data_loader_reason']})" if s.get("data_loader_reason") else ""))
     if s.get("selection_split"):
         facts.append(f"'best' = best epoch on the {s['selection_split']} split")
+    facts.append(method_view.teacher_outputs_line(s) or "")
     if any(facts):
         st.caption(" · ".join(f for f in facts if f))
 

@@ -90,3 +90,20 @@ def store(store_url):  # type: ignore[no-untyped-def]
 
 
 # ============================ end of storage fixtures ========================
+
+
+# =============================================================================
+# engine fixtures: each test gets its own soft-label store folder
+# =============================================================================
+
+
+@pytest.fixture(autouse=True)
+def soft_labels_root(tmp_path_factory, monkeypatch):  # type: ignore[no-untyped-def]
+    """Augmented runs write teacher soft labels (kd_core.engine.soft_labels): never into the checkout, never
+    shared between tests (a test's run would otherwise read another test's labels)."""
+    root = tmp_path_factory.mktemp("soft_labels")
+    monkeypatch.setenv("DISTILLERY_SOFT_LABELS", str(root))
+    return root
+
+
+# ============================ end of engine fixtures =========================

@@ -52,12 +52,13 @@ FIELDS: tuple[Field, ...] = (
     *_model_fields("teacher"), *_model_fields("student"),
     Field("baseline", "baseline", BOOL), Field("cache_teacher", "cache_teacher", BOOL),
     Field("channels_last", "channels_last", AUTO_BOOL), Field("compile", "compile", BOOL),
+    Field("soft_labels.store", "sl_store", BOOL), Field("soft_labels.top_k", "sl_top_k", OPT_INT),
     Field("checkpoint_every_s", "ckpt_s", FLOAT),
     Field("analysis.enabled", "an_enabled", BOOL), Field("analysis.cka_checkpoints", "an_cka", INT),
     Field("analysis.samples", "an_samples", INT), Field("analysis.attribution_images", "an_attr", INT),
     Field("analysis.projections", "an_proj", TEXT_LIST),
 )
-SECTIONS = ("dataset", "teacher", "student", "analysis", "teacher.optimizer", "teacher.scheduler", "student.optimizer",
+SECTIONS = ("dataset", "teacher", "student", "analysis", "soft_labels", "teacher.optimizer", "teacher.scheduler", "student.optimizer",
             "student.scheduler")
 NO_METHOD = "none"
 NOT_IN_FORM = {  # fields the form cannot edit: a config that uses them is refused by name, never loaded without them

@@ -42,6 +42,11 @@ HELP = {
     "(tensor cores), usually slower on a CPU. auto = on for CUDA, off on CPU.",
     "compile": "torch.compile the model being trained: faster steps on a GPU once compiled, but the first steps (and each "
     "new batch shape, e.g. evaluation) pay the compilation, tens of seconds. Off by default.",
+    "soft_labels": "With augmentation on, write the teacher's logits of each finished epoch to a shared store "
+    "(DISTILLERY_HOME/soft_labels); later runs with the same teacher, data, seed and batch size read them instead of "
+    "running the teacher.",
+    "top_k": "More than 100 classes only: store each image's k largest teacher probabilities instead of all logits "
+    "(smaller, lossy: the remaining probability is spread evenly). Empty = full logits.",
     "ckpt": "Besides every epoch, also save a checkpoint this often (seconds), so a cancelled or crashed run can resume "
     "close to where it stopped.",
     "dataset": "The images to train on. Bundled datasets work offline; torchvision ones download into the root "

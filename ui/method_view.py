@@ -230,13 +230,37 @@ def params_table(name: str, params: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["parameter", "value", "from"])
 
 
+def teacher_outputs_line(reported: dict[str, Any]) -> str | None:
+    """Where the student's teacher outputs came from: cached in memory, read from the soft-label store, or live."""
+    mode, reason = reported.get("teacher_outputs"), reported.get("teacher_outputs_reason")
+    store = reported.get("teacher_outputs_store") if isinstance(reported.get("teacher_outputs_store"), dict) else {}
+    key = f"key {str(store.get('key', ''))[:12]}" if store else ""
+    if mode == "cached":
+        return "teacher outputs cached in memory (computed once before training)"
+    if mode == "stored":
+        return f"teacher outputs stored: read from the soft-label store, the teacher did not run ({key})"
+    if mode != "live":
+        return None
+    line = "teacher outputs live" + (f" ({reason})" if reason else "")
+    epochs = ", ".join(str(e) for e in store.get("written_epochs") or [])
+    if store.get("read_epochs"):
+        line += f"; epochs {', '.join(str(e) for e in store['read_epochs'])} read from the soft-label store"
+    if store:
+        line += f"; epochs {epochs} written to the soft-label store for later runs ({key})" if epochs else f"; writing to the soft-label store ({key})"
+    if store.get("problems"):
+        line += f"; {len(store['problems'])} stored epoch(s) not usable: {store['problems'][0]}"
+    return line
+
+
 def teacher_outputs_note(run: Any, name: str) -> str | None:
-    """Why the student's teacher ran live instead of from a cache, as the run reported it (or the method's reason)."""
+    """How the student's teacher ran (live, cached in memory, from the soft-label store), as the run reported it (or the method's reason)."""
     from kd_core.methods import METHODS
 
     reported = {**(run.summary or {}), **(run.progress or {})} if run.status in metrics.ACTIVE else (run.summary or {})
     if reported.get("teacher_outputs") == "live" and reported.get("teacher_outputs_reason"):
         return f"The teacher ran live for every training step (outputs not cached): {reported['teacher_outputs_reason']}."
+    if reported.get("teacher_outputs") == "stored":
+        return f"The teacher did not run during training: its outputs were read from the soft-label store ({teacher_outputs_line(reported)})."
     if reported.get("teacher_outputs") == "cached":
         return None
     reason = getattr(METHODS.get(name), "varies_teacher_inputs", None)

@@ -4,7 +4,9 @@ Where things are:
 
 * :mod:`~kd_core.engine.experiment` — :func:`run_experiment`, the phases and the epoch loop;
 * :mod:`~kd_core.engine.step` — one optimizer step (forward in the run's precision, loss terms in fp32);
-* :mod:`~kd_core.engine.teacher` — the teacher's outputs per step, cached or live;
+* :mod:`~kd_core.engine.teacher` — the teacher's outputs per step: cached, from the soft-label store, or live;
+* :mod:`~kd_core.engine.soft_labels` — augmented epochs' teacher logits stored once, keyed by
+  :mod:`~kd_core.engine.soft_label_key` (teacher weights + :func:`soft_label_identity` of the data);
 * :mod:`~kd_core.engine.evaluation` — predictions, accuracy/agreement metrics;
 * :mod:`~kd_core.engine.checkpoint` — weights files and the identity-checked resumable checkpoint;
 * :mod:`~kd_core.engine.callbacks` — CKA at checkpoints and the end-of-run analysis bundle;

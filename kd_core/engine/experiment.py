@@ -243,8 +243,8 @@ class Experiment:
             "selection_split": self.data.eval_split()[0],
             "trained_s": round(progress.trained_s, 1),
         }
-        # whether the student learned from cached or live teacher outputs, and why live: the run's page says so after training
-        summary.update({k: r["student"][k] for k in ("teacher_outputs", "teacher_outputs_reason") if k in r["student"]})
+        # whether the student learned from cached, stored or live teacher outputs, and why not cached: the run's page says so after training
+        summary.update({k: r["student"][k] for k in ("teacher_outputs", "teacher_outputs_reason", "teacher_outputs_store") if k in r["student"]})
         if "baseline" in r:
             summary["baseline_acc"] = r["baseline"]["best"]
             summary["baseline_last_acc"] = r["baseline"]["last"]

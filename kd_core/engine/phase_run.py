@@ -20,7 +20,7 @@ from kd_core.engine.evaluation import classification_metrics, predict
 from kd_core.engine.optim import make_optimizer, make_scheduler
 from kd_core.engine.phases import Phase, Progress
 from kd_core.engine.step import TrainStep, term_keys
-from kd_core.engine.teacher import TeacherOutputs, cache_blocker
+from kd_core.engine.teacher import teacher_outputs_for
 from kd_core.methods import Batch
 
 if TYPE_CHECKING:
@@ -51,8 +51,7 @@ class PhaseRun:
         self.target_teacher = self.method.distill_teacher(exp.teachers) if self.method is not None and self.teacher is not None else self.teacher
         needs: set[str] = set().union(*(loss.needs for loss in self.losses), self.method.teacher_needs if self.method else ())
         teacher_needed = self.target_teacher is not None and bool(needs & {"logits", "embedding", "stages"})
-        why_live = cache_blocker(exp.config.cache_teacher, exp.config.dataset.augment, needs, self.losses, self.method)
-        self.teacher_outputs = TeacherOutputs(self.target_teacher, needs, exp.precision, why_live, exp.data.train_x) if teacher_needed else None
+        self.teacher_outputs = teacher_outputs_for(exp, phase, self.target_teacher, needs, self.losses, self.method) if teacher_needed else None
         self.step = TrainStep(self.model, self.losses, phase.recipe, exp.precision, self.optimizer, self.teacher_outputs, self.method)
         self.restore()
         exp.sink.discard_metrics_after(phase.name, progress.step)
@@ -89,7 +88,8 @@ class PhaseRun:
         outputs = self.teacher_outputs
         if outputs is None:
             return {}
-        return {"teacher_outputs": outputs.mode, "teacher_outputs_reason": outputs.why_live}
+        store = outputs.store_summary()
+        return {"teacher_outputs": outputs.mode, "teacher_outputs_reason": outputs.why_live, **({"teacher_outputs_store": store} if store else {})}
 
     def run(self) -> dict[str, Any]:
         exp = self.experiment
@@ -100,6 +100,8 @@ class PhaseRun:
         try:
             for epoch in range(self.progress.epoch, self.phase.model_config.epochs):
                 self.train_epoch(epoch)
+                if self.teacher_outputs is not None:
+                    self.teacher_outputs.end_epoch(epoch)  # a fully trained epoch's teacher logits go to the soft-label store
                 self.end_epoch(epoch)
         finally:
             self.step.close()
@@ -118,6 +120,8 @@ class PhaseRun:
                                                augment=exp.config.dataset.augment, flip=exp.data.flip)
         for b, idx, x in train:
             batch = Batch(x, exp.data.train_y[idx], idx)
+            if self.teacher_outputs is not None:
+                self.teacher_outputs.begin_batch(epoch, b)
             if self.method is not None:
                 batch = self.method.prepare_batch(batch, torch.Generator().manual_seed((exp.config.seed * 7927 + epoch) * 100_019 + b))
             out = self.step(batch, epoch=epoch, epoch_progress=epoch + b / len(batches), step=progress.step, total_steps=self.total_steps)

@@ -105,6 +105,11 @@ class Method(nn.Module):
         """The module whose outputs the student learns from (e.g. an ensemble of ``teachers``); default the first."""
         return teachers[0]
 
+    def soft_label_store_blocker(self) -> str | None:
+        """Why the teacher's logits of augmented batches may not come from the soft-label store (the method reads the
+        teacher's live forward outside ``LossInputs``), or None when they may."""
+        return None
+
     def init_student(self, student: nn.Module, teacher: nn.Module) -> None:  # noqa: B027 - optional hook
         """Initialise the student (e.g. from the teacher) before its first step."""
 

@@ -182,6 +182,11 @@ class MEALV2(Method):
         object.__setattr__(self, "_ensemble", ensemble)
         return ensemble
 
+    def soft_label_store_blocker(self) -> str | None:
+        if self.use_discriminator:
+            return "meal_v2's discriminator reads the ensemble's live mean logits of each augmented batch"
+        return None
+
     def prepare_batch(self, batch: Batch, generator: torch.Generator) -> Batch:
         self._batch = batch  # the discriminator needs the teachers' mean logits of this batch
         return batch
