@@ -124,6 +124,7 @@ class TrainingConfig(_Strict):
     arch: str
     epochs: int = Field(10, ge=0, le=10_000)
     batch_size: int = Field(64, ge=2, le=8192)
+    devices: int = Field(1, ge=1, le=64, description="processes (GPUs on CUDA) training this phase with DDP; batch_size stays the global batch")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
 
@@ -216,6 +217,10 @@ def config_fingerprint(config: ExperimentConfig) -> str:
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
     if data["dataset"].get("classes") is None:  # added later: configs without it keep their fingerprint
         data["dataset"] = {k: v for k, v in data["dataset"].items() if k != "classes"}
+    # how many devices train a phase is not what is trained: a run resumes on another number of them
+    for key in ("teacher", "student"):
+        data[key] = {k: v for k, v in data[key].items() if k != "devices"}
+    data["teachers"] = [{k: v for k, v in t.items() if k != "devices"} for t in data["teachers"]]
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

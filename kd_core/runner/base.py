@@ -153,6 +153,22 @@ def log_path_for(run: RunRecord) -> Path:
     return run_dir(run.uid) / LOG_NAME
 
 
+def run_devices(config: dict[str, Any]) -> int:
+    """``student.devices`` of a stored config: how many ranks train the run (1 for configs from before the key)."""
+    return int((config.get("student") or {}).get("devices") or 1)
+
+
+def worker_command(run_id: int, devices: int) -> list[str]:
+    """``python -m kd_core work RUN_ID``; through torchrun, one process per device, when the run has several.
+
+    The pid recorded is torchrun's (its cmdline names kd_core): cancel signals it, it stops the ranks.
+    """
+    work = ["-m", "kd_core", "work", str(run_id)]
+    if devices <= 1:
+        return [sys.executable, *work]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}", *work]
+
+
 # --------------------------------------------------------------------------- logs
 
 
