@@ -1,0 +1,143 @@
+"""Several devices for one run (``student.devices``), tested the way CI can: 2 CPU processes with gloo.
+
+The 2-process runs are real torchrun launches of the engine (tests/ddp_run.py) or of the queue's worker;
+the 1-process reference is the same config trained in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kd_core.config import ConfigError, validate_config
+from kd_core.engine import run_experiment
+from kd_core.runner.base import visible_gpus, worker_command
+from kd_core.sink import MemorySink
+from tests.worker_runs import train_in_worker
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+# An MLP (no BatchNorm, no dropout: nothing that sees a rank's shard differently from the global batch),
+# augmented data (the crops must be the global batch's), a KD term from a fixed teacher.
+DDP_CONFIG: dict[str, Any] = {
+    "name": "ddp", "seed": 3, "device": "cpu",
+    "dataset": {"name": "digits", "val_fraction": 0.2, "subset": 600, "augment": True},
+    "teacher": {"source": "random", "arch": "lenet5", "epochs": 0},
+    "student": {"arch": "mlp", "epochs": 4, "batch_size": 32, "devices": 2, "optimizer": {"lr": 0.1}},
+    "recipe": [{"loss": "ce", "weight": 1.0}, {"loss": "kd", "weight": 0.2}],
+    "baseline": False, "checkpoint_every_s": 1000, "analysis": {"enabled": False},
+}
+# Float sums in another order (two half-batch gradients averaged vs one batch): per-step losses agree to
+# about 1e-6; allow 1e-4 after 4 epochs. Accuracies must be the same to 0.5 points (a few validation images).
+LOSS_TOL = 1e-4
+ACC_TOL = 0.5
+
+
+def ddp_config(devices: int, **student: Any) -> dict[str, Any]:
+    return {**DDP_CONFIG, "student": {**DDP_CONFIG["student"], "devices": devices, **student}}
+
+
+def torchrun(config: dict[str, Any], out: Path, result: Path, stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``config`` on 2 gloo ranks; rank 0's result (summary, metric rows, whether it stopped)."""
+    cfg = result.with_suffix(".config.json")
+    cfg.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "ddp_run.py"),
+           str(cfg), str(out), str(result), *([str(stop_after)] if stop_after else [])]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+def in_process(config: dict[str, Any], out: Path, resume: bool = False) -> tuple[dict[str, Any], MemorySink]:
+    sink = MemorySink()
+    return run_experiment(validate_config(config), sink, out, resume=resume), sink
+
+
+def series(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r["value"] for r in rows if r["key"] == key and r["phase"] == "student"]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], MemorySink, dict[str, Any], Path]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    summary1, sink1 = in_process(ddp_config(1), tmp / "one")
+    two = torchrun(ddp_config(2), tmp / "two", tmp / "two.json")
+    return summary1, sink1, two, tmp
+
+
+def test_two_processes_train_what_one_process_trains(one_and_two: Any) -> None:
+    summary1, sink1, two, _ = one_and_two
+    loss1, loss2 = series(sink1.rows, "loss/total"), series(two["rows"], "loss/total")
+    val1, val2 = series(sink1.rows, "val/top1"), series(two["rows"], "val/top1")
+    numbers = (f"1 process: acc {summary1['student_acc']:.2f}, val/top1 {val1}, last loss {loss1[-1]:.6f}; "
+               f"2 processes: acc {two['summary']['student_acc']:.2f}, val/top1 {val2}, last loss {loss2[-1]:.6f}; "
+               f"max loss diff {max(abs(a - b) for a, b in zip(loss1, loss2)):.2e}")
+    print(numbers)
+    assert summary1["student_acc"] > 50, numbers  # the comparison means something only if the model learned
+    assert len(loss1) == len(loss2), numbers
+    assert loss2 == pytest.approx(loss1, abs=LOSS_TOL), numbers
+    assert val2 == pytest.approx(val1, abs=ACC_TOL), numbers
+    assert two["summary"]["student_acc"] == pytest.approx(summary1["student_acc"], abs=ACC_TOL), numbers
+
+
+def test_only_rank_0_reports_and_no_step_is_logged_twice(one_and_two: Any) -> None:
+    _, sink1, two, tmp = one_and_two
+    assert json.loads((tmp / "two.json.rank1").read_text())["rows"] == 0
+    keys = [(r["phase"], r["step"], r["key"]) for r in two["rows"]]
+    assert len(keys) == len(set(keys))
+    assert sorted(keys) == sorted((r["phase"], r["step"], r["key"]) for r in sink1.rows)
+
+
+def test_a_run_stopped_on_2_processes_resumes_on_1_gap_free(one_and_two: Any) -> None:
+    summary1, sink1, _, tmp = one_and_two
+    out = tmp / "resumed"
+    stopped = torchrun(ddp_config(2), out, tmp / "stopped.json", stop_after=20)
+    assert stopped["stopped"]
+    assert json.loads((tmp / "stopped.json.rank1").read_text())["steps"] == 20  # rank 1 stopped at the same step
+    summary, sink = in_process(ddp_config(1), out, resume=True)
+    steps = sorted({r["step"] for r in stopped["rows"] + sink.rows if r["key"] == "loss/total"})
+    assert steps == list(range(1, len(series(sink1.rows, "loss/total")) + 1))
+    assert summary["student_acc"] == pytest.approx(summary1["student_acc"], abs=ACC_TOL), (summary["student_acc"], summary1["student_acc"])
+
+
+def test_a_run_on_2_processes_through_the_queue_is_recorded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = validate_config(ddp_config(2, epochs=2))
+    store, run = train_in_worker(config, tmp_path, monkeypatch)
+    assert [r.id for r in store.list_runs(include_hidden=True)] == [run.id]
+    steps = store.metric_series(run.id, "loss/total", "student")["step"].tolist()
+    assert steps == list(range(1, len(steps) + 1)), steps
+    log = Path(run.log_path).read_text()
+    assert log.count("=== worker ended:") == 1, log[-2000:]
+    assert run.summary["student_acc"] > 30
+
+
+def test_the_worker_starts_one_process_per_device_through_torchrun() -> None:
+    assert worker_command(7, 1)[1:] == ["-m", "kd_core", "work", "7"]
+    command = worker_command(7, 2)
+    assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in command
+    assert command[-4:] == ["-m", "kd_core", "work", "7"]  # the cmdline names kd_core: pid_alive recognises it
+
+
+@pytest.mark.skipif(visible_gpus() >= 2, reason="this host has 2 GPUs: 2 CUDA devices are allowed")
+def test_more_cuda_devices_than_visible_are_refused_naming_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config({**ddp_config(2), "device": "cuda"})
+    assert "student.devices" in str(err.value) and "visible" in str(err.value), str(err.value)
+    validate_config(ddp_config(2))  # on CPU any number of processes is fine
+
+
+def test_a_teacher_trained_here_must_use_the_students_devices() -> None:
+    config = {**ddp_config(2), "teacher": {"arch": "mlp", "epochs": 1}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(config)
+    assert "teacher.devices" in str(err.value), str(err.value)
+    validate_config({**config, "teacher": {"arch": "mlp", "epochs": 1, "devices": 2}})
