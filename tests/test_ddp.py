@@ -17,9 +17,15 @@ import pytest
 
 from kd_core.config import ConfigError, validate_config
 from kd_core.engine import run_experiment
+from kd_core.runner import cancel, resume, submit
 from kd_core.runner.base import visible_gpus, worker_command
+from kd_core.runner.local import pid_alive
 from kd_core.sink import MemorySink
-from tests.worker_runs import train_in_worker
+from storage import Store
+from tests.polling import wait_for
+from tests.worker_runs import FINISH_TIMEOUT_S, train_in_worker
+
+DONE = ("completed", "failed", "cancelled")
 
 pytestmark = pytest.mark.slow
 
@@ -118,6 +124,27 @@ def test_a_run_on_2_processes_through_the_queue_is_recorded_once(tmp_path: Path,
     log = Path(run.log_path).read_text()
     assert log.count("=== worker ended:") == 1, log[-2000:]
     assert run.summary["student_acc"] > 30
+
+
+def test_cancelling_a_2_process_run_checkpoints_and_resume_finishes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancel signals torchrun (the recorded pid), which stops both ranks at the same step; rank 0 checkpoints."""
+    for name, value in {"DISTILLERY_DB_URL": f"sqlite:///{tmp_path / 'runs.db'}", "DISTILLERY_ARTIFACTS": str(tmp_path / "artifacts"),
+                        "DISTILLERY_EXECUTOR": "local", "DISTILLERY_SLOTS": "1", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    store = Store(None)
+    run_id = submit(store, validate_config(ddp_config(2, epochs=40)))
+    wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30, FINISH_TIMEOUT_S)
+    assert pid_alive(store.get_run(run_id).pid)  # torchrun's pid: its cmdline names kd_core
+    cancel(store, run_id)
+    wait_for(store, "the cancel", lambda: store.get_run(run_id).status in DONE, FINISH_TIMEOUT_S)
+    assert store.get_run(run_id).status == "cancelled", store.get_run(run_id).error
+    resume(store, run_id)
+    wait_for(store, "the resumed run", lambda: store.get_run(run_id).status in DONE, FINISH_TIMEOUT_S)
+    run = store.get_run(run_id)
+    assert run.status == "completed", run.error
+    steps = store.metric_series(run_id, "loss/total", "student")["step"].tolist()
+    assert steps == list(range(1, len(steps) + 1))
+    assert "resuming from its checkpoint" in Path(run.log_path).read_text()
 
 
 def test_the_worker_starts_one_process_per_device_through_torchrun() -> None:
