@@ -147,6 +147,22 @@ def test_cancelling_a_2_process_run_checkpoints_and_resume_finishes_it(tmp_path:
     assert "resuming from its checkpoint" in Path(run.log_path).read_text()
 
 
+def test_the_cli_run_command_trains_on_2_processes_in_the_foreground(tmp_path: Path) -> None:
+    path = tmp_path / "ddp.yaml"
+    path.write_text(json.dumps(ddp_config(2, epochs=1)))  # JSON is YAML
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DISTILLERY_ARTIFACTS": str(tmp_path / "artifacts"), "OMP_NUM_THREADS": "1"}
+    env.pop("DISTILLERY_DB_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "kd_core", "run", str(path), "--db", url], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = Store(url)
+    (run,) = store.list_runs(include_hidden=True)
+    assert proc.stdout.split() == [str(run.id)] and run.status == "completed" and run.executor == "inline"
+    assert "on 2 processes" in proc.stderr and "KD gain" not in proc.stderr  # the summary table, without a baseline
+    steps = store.metric_series(run.id, "loss/total", "student")["step"].tolist()
+    assert steps == list(range(1, len(steps) + 1))
+
+
 def test_the_worker_starts_one_process_per_device_through_torchrun() -> None:
     assert worker_command(7, 1)[1:] == ["-m", "kd_core", "work", "7"]
     command = worker_command(7, 2)
