@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -128,10 +129,7 @@ def test_a_run_on_2_processes_through_the_queue_is_recorded_once(tmp_path: Path,
 
 def test_cancelling_a_2_process_run_checkpoints_and_resume_finishes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cancel signals torchrun (the recorded pid), which stops both ranks at the same step; rank 0 checkpoints."""
-    for name, value in {"DISTILLERY_DB_URL": f"sqlite:///{tmp_path / 'runs.db'}", "DISTILLERY_ARTIFACTS": str(tmp_path / "artifacts"),
-                        "DISTILLERY_EXECUTOR": "local", "DISTILLERY_SLOTS": "1", "OMP_NUM_THREADS": "1"}.items():
-        monkeypatch.setenv(name, value)
-    store = Store(None)
+    store = queue_in(tmp_path, monkeypatch)
     run_id = submit(store, validate_config(ddp_config(2, epochs=40)))
     wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30, FINISH_TIMEOUT_S)
     assert pid_alive(store.get_run(run_id).pid)  # torchrun's pid: its cmdline names kd_core
@@ -145,6 +143,42 @@ def test_cancelling_a_2_process_run_checkpoints_and_resume_finishes_it(tmp_path:
     steps = store.metric_series(run_id, "loss/total", "student")["step"].tolist()
     assert steps == list(range(1, len(steps) + 1))
     assert "resuming from its checkpoint" in Path(run.log_path).read_text()
+
+
+def queue_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    for name, value in {"DISTILLERY_DB_URL": f"sqlite:///{tmp_path / 'runs.db'}", "DISTILLERY_ARTIFACTS": str(tmp_path / "artifacts"),
+                        "DISTILLERY_EXECUTOR": "local", "DISTILLERY_SLOTS": "1", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    return Store(None)
+
+
+def ranks_of(store: Store, run_id: int) -> dict[int, int]:
+    """rank -> pid of the processes torchrun (the run's recorded pid) started."""
+    wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30, FINISH_TIMEOUT_S)
+    pid = store.get_run(run_id).pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    environ = {int(c): Path(f"/proc/{c}/environ").read_bytes().split(b"\0") for c in children}
+    return {int(next(v for v in env if v.startswith(b"RANK=")).removeprefix(b"RANK=")): c for c, env in environ.items()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
+def test_a_rank_that_dies_fails_the_run_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = queue_in(tmp_path, monkeypatch)
+    run_id = submit(store, validate_config(ddp_config(2, epochs=40)))
+    os.kill(ranks_of(store, run_id)[1], signal.SIGKILL)  # as the kernel's OOM killer would
+    wait_for(store, "the failure", lambda: store.get_run(run_id).status in DONE, 60)
+    run = store.get_run(run_id)
+    assert run.status == "failed" and "Connection" in (run.error or ""), run.error
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
+def test_killing_torchrun_takes_its_ranks_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun starts each rank in its own session: a kill of the worker's process group would miss them without PDEATHSIG."""
+    store = queue_in(tmp_path, monkeypatch)
+    run_id = submit(store, validate_config(ddp_config(2, epochs=300)))  # a minute or more of training left
+    ranks = ranks_of(store, run_id)
+    os.killpg(store.get_run(run_id).pid, signal.SIGKILL)  # what the executor's kill does
+    wait_for(store, "the ranks to go", lambda: not any(pid_alive(pid) for pid in ranks.values()), 5)
 
 
 def test_the_cli_run_command_trains_on_2_processes_in_the_foreground(tmp_path: Path) -> None:

@@ -226,7 +226,8 @@ def _train(store: Store, run_id: int, flag: StopFlag, first_attempt: bool) -> Ou
     resume = not first_attempt and (directory / CHECKPOINT).exists()
     if not resume and main_rank():
         discard_all_metrics(store, run_id)  # a restart from scratch must not duplicate an earlier attempt's rows
-    log(f"run {run_id} ({config.name}, uid {run.uid}) on {HOST}, pid {os.getpid()}, " + ("resuming from its checkpoint" if resume else "from scratch"))
+    rank = f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if "RANK" in os.environ else ""
+    log(f"run {run_id} ({config.name}, uid {run.uid}) on {HOST}, pid {os.getpid()}{rank}, " + ("resuming from its checkpoint" if resume else "from scratch"))
     if flag.is_set():
         return Outcome("cancelled", how=f"on request ({flag.reason})")
     try:
