@@ -11,7 +11,7 @@ What is global and what is per rank:
 * gradients are averaged over the ranks (DDP for the model; one all-reduce for the parameters of loss
   terms and methods, which live outside it);
 * loss terms that use batch statistics (relation, contrastive losses) and BatchNorm see the rank's shard
-  only; BatchNorm is converted to SyncBatchNorm on CUDA (SyncBatchNorm has no CPU/gloo kernel);
+  only; BatchNorm is converted to SyncBatchNorm on CUDA (DDP refuses it on CPU in torch 2.14);
 * rank 0 alone evaluates, writes metrics, progress, checkpoints and artifacts; the others wait.
 """
 
@@ -163,7 +163,7 @@ def die_with_parent() -> None:
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device, ctx: DistributedContext) -> nn.Module:
-    """BatchNorm over the global batch on CUDA; on CPU (no SyncBatchNorm kernel for gloo) each rank's shard."""
+    """BatchNorm over the global batch on CUDA; on CPU each rank's shard (torch 2.14: "SyncBatchNorm layers only work with GPU modules")."""
     if ctx.active and device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
