@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kd_core.config import ConfigError, validate_config
-from kd_core.engine import run_experiment
+from kd_core.engine import StopRequested, run_experiment
 from kd_core.runner import cancel, resume, submit
 from kd_core.runner.base import visible_gpus, worker_command
 from kd_core.runner.local import pid_alive
@@ -103,6 +103,19 @@ def test_only_rank_0_reports_and_no_step_is_logged_twice(one_and_two: Any) -> No
     assert sorted(keys) == sorted((r["phase"], r["step"], r["key"]) for r in sink1.rows)
 
 
+def test_weights_of_a_2_process_run_are_the_plain_models(one_and_two: Any) -> None:
+    """No DDP ``module.`` prefix: the student loads as a 1-device model (and so as a ``run:<id>`` teacher)."""
+    from safetensors.torch import load_file
+
+    from kd_core.models import create_model
+
+    tmp = one_and_two[3]
+    for name in ("student.safetensors", "student_best.safetensors"):
+        saved = load_file(str(tmp / "two" / name))
+        assert not any(k.startswith("module.") for k in saved)
+        create_model("mlp", 10, 1, 8).load_state_dict(saved)  # digits: 10 classes, 1 channel, 8x8
+
+
 def test_a_run_stopped_on_2_processes_resumes_on_1_gap_free(one_and_two: Any) -> None:
     summary1, sink1, _, tmp = one_and_two
     out = tmp / "resumed"
@@ -143,6 +156,22 @@ def test_cancelling_a_2_process_run_checkpoints_and_resume_finishes_it(tmp_path:
     steps = store.metric_series(run_id, "loss/total", "student")["step"].tolist()
     assert steps == list(range(1, len(steps) + 1))
     assert "resuming from its checkpoint" in Path(run.log_path).read_text()
+
+
+def test_a_run_stopped_on_1_process_resumes_on_2_gap_free(one_and_two: Any) -> None:
+    summary1, sink1, _, tmp = one_and_two
+    out, sink, calls = tmp / "resumed_on_2", MemorySink(), [0]
+
+    def stop_after_20() -> bool:
+        calls[0] += 1
+        return calls[0] >= 20
+
+    with pytest.raises(StopRequested):
+        run_experiment(validate_config(ddp_config(1)), sink, out, stop_requested=stop_after_20)
+    resumed = torchrun(ddp_config(2), out, tmp / "resumed_on_2.json")
+    steps = sorted({r["step"] for r in sink.rows + resumed["rows"] if r["key"] == "loss/total"})
+    assert steps == list(range(1, len(series(sink1.rows, "loss/total")) + 1))
+    assert resumed["summary"]["student_acc"] == pytest.approx(summary1["student_acc"], abs=ACC_TOL)
 
 
 def queue_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
