@@ -76,7 +76,8 @@ class DistributedContext:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # a recipe may leave parameters without a gradient (e.g. feature-only terms never reach the classifier)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def barrier(self) -> None:
         if self.active:
