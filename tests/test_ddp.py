@@ -174,6 +174,20 @@ def test_a_run_stopped_on_1_process_resumes_on_2_gap_free(one_and_two: Any) -> N
     assert resumed["summary"]["student_acc"] == pytest.approx(summary1["student_acc"], abs=ACC_TOL)
 
 
+def test_every_phase_and_the_analysis_run_on_2_processes(tmp_path: Path) -> None:
+    """A teacher trained here (BatchNorm: per-shard statistics on CPU), the student, the baseline, then CKA and the
+    end-of-run analysis on rank 0 while rank 1 waits."""
+    config = {**ddp_config(2, epochs=2), "teacher": {"arch": "cnn_tiny", "epochs": 2, "batch_size": 32, "devices": 2}, "baseline": True,
+              "analysis": {"enabled": True, "samples": 100, "attribution_images": 2, "cka_checkpoints": 2}}
+    result = torchrun(config, tmp_path / "out", tmp_path / "full.json")
+    summary = result["summary"]
+    assert {"teacher_acc", "student_acc", "baseline_acc", "kd_gain", "analysis_s"} <= summary.keys() and "analysis_error" not in summary
+    assert (tmp_path / "out" / "analysis.json").exists() and (tmp_path / "out" / "cka_student_e2.json").exists()
+    assert json.loads((tmp_path / "full.json.rank1").read_text())["rows"] == 0
+    phases = {r["phase"] for r in result["rows"]}
+    assert phases == {"teacher", "student", "baseline"}
+
+
 def queue_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     for name, value in {"DISTILLERY_DB_URL": f"sqlite:///{tmp_path / 'runs.db'}", "DISTILLERY_ARTIFACTS": str(tmp_path / "artifacts"),
                         "DISTILLERY_EXECUTOR": "local", "DISTILLERY_SLOTS": "1", "OMP_NUM_THREADS": "1"}.items():
