@@ -240,6 +240,25 @@ def test_the_cli_run_command_trains_on_2_processes_in_the_foreground(tmp_path: P
     assert steps == list(range(1, len(steps) + 1))
 
 
+def test_on_a_gpu_host_a_run_holds_one_slot_per_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two GPUs visible: a 2-device run holds both slots, so no other run is put on its GPUs; a CPU run holds one."""
+    from kd_core.runner.local import LocalExecutor
+    from storage import RunRecord
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("DISTILLERY_SLOTS", raising=False)
+
+    def record(config: dict[str, Any]) -> RunRecord:
+        return RunRecord(id=1, uid="u", name="r", status="running", config=config, parent_id=None, created_at=0.0, started_at=None,
+                         finished_at=None, heartbeat_at=None, host=None, pid=None, executor="local", executor_ref=None, error=None, log_path=None)
+
+    local = LocalExecutor()
+    on_two, on_one = record(ddp_config(2) | {"device": "auto"}), record(ddp_config(1) | {"device": "auto"})
+    assert local.slots() == 2
+    assert (local.slots_needed(on_two), local.slots_needed(on_one), local.slots_needed(record(ddp_config(2)))) == (2, 1, 1)
+    assert local.occupied([on_two]) == 2 and local.occupied([on_one]) == 1
+
+
 def test_the_worker_starts_one_process_per_device_through_torchrun() -> None:
     assert worker_command(7, 1)[1:] == ["-m", "kd_core", "work", "7"]
     command = worker_command(7, 2)

@@ -76,6 +76,10 @@ class Executor(ABC):
     def occupied(self, active: list[RunRecord]) -> int:
         """How many of the slot-holding runs ``active`` use this executor's slots."""
 
+    def slots_needed(self, run: RunRecord) -> int:
+        """How many slots ``run`` holds while it trains (several for a run on several GPUs of this host)."""
+        return 1
+
     @abstractmethod
     def launch(self, store: Store, run: RunRecord) -> None:
         """Start ``python -m kd_core work RUN_ID`` for a run just claimed (status ``starting``); return at once."""

@@ -90,7 +90,13 @@ class LocalExecutor(Executor):
         return configured_slots(max(1, visible_gpus()))
 
     def occupied(self, active: list[RunRecord]) -> int:
-        return sum(1 for r in active if (r.executor or "local") in PROCESS_EXECUTORS and (r.host in (None, HOST)))
+        return sum(self.slots_needed(r) for r in active if (r.executor or "local") in PROCESS_EXECUTORS and (r.host in (None, HOST)))
+
+    def slots_needed(self, run: RunRecord) -> int:
+        # a slot is a GPU where there are GPUs: a run on N of them holds N (never more than exist, or it would wait forever)
+        if visible_gpus() == 0 or run.config.get("device") == "cpu":
+            return 1
+        return min(run_devices(run.config), self.slots())
 
     def launch(self, store: Store, run: RunRecord) -> None:
         log_path = log_path_for(run)
