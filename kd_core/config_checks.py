@@ -49,6 +49,8 @@ def _devices_errors(config: ExperimentConfig) -> Errors:
             errors.append((f"{where}.devices", f"a teacher trained in the run uses the student's devices (student.devices: {n}); got {teacher.devices}"))
         elif not trains and teacher.devices != 1:
             errors.append((f"{where}.devices", "only a teacher trained in this run (source: train) trains on several devices; leave it at 1"))
+    if config.student.batch_size < n:
+        errors.append(("student.batch_size", f"each of the student.devices: {n} processes needs rows of the batch; use at least {n}"))
     gpus = visible_gpus()
     # the Ray cluster, not this host, has the GPUs; it keeps a job pending until N of them are free
     on_cuda = config.device == "cuda" or (config.device == "auto" and gpus > 0)
