@@ -143,7 +143,7 @@ def test_a_run_on_2_processes_through_the_queue_is_recorded_once(tmp_path: Path,
 def test_cancelling_a_2_process_run_checkpoints_and_resume_finishes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cancel signals torchrun (the recorded pid), which stops both ranks at the same step; rank 0 checkpoints."""
     store = queue_in(tmp_path, monkeypatch)
-    run_id = submit(store, validate_config(ddp_config(2, epochs=40)))
+    run_id = submit(store, validate_config(ddp_config(2, epochs=15)))
     wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30, FINISH_TIMEOUT_S)
     assert pid_alive(store.get_run(run_id).pid)  # torchrun's pid: its cmdline names kd_core
     cancel(store, run_id)

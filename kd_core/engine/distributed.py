@@ -143,9 +143,20 @@ def setup(device: torch.device) -> DistributedContext:
     return ctx
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(wait_for_peers: bool = True) -> None:
+    """Leave the process group; ``wait_for_peers`` first waits until every rank is done with its collectives.
+
+    A rank that exits while a peer still talks to it can make the peer's gloo transport abort (SIGABRT).
+    After a failure there is no waiting: the peers may be gone.
+    """
+    if not dist.is_initialized():
+        return
+    if wait_for_peers:
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer already failed; nothing left to wait for
+    dist.destroy_process_group()
 
 
 def die_with_parent() -> None:

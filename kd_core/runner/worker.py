@@ -139,7 +139,7 @@ def main(run_id: int, db_url: str | None = None) -> int:
     start_next(store)
     store.checkpoint_wal()  # last write of this worker: the WAL is folded back and truncated
     store.dispose()
-    leave_ranks()
+    leave_ranks(outcome.status != "failed")
     return 0 if outcome.status != "failed" else 1
 
 
@@ -165,15 +165,15 @@ def follow(store: Store, run_id: int, flag: StopFlag) -> int:
     if not claimed:
         return 0
     outcome = _train(store, run_id, flag, first_attempt)
-    leave_ranks()
+    leave_ranks(outcome.status != "failed")
     return 0 if outcome.status != "failed" else 1
 
 
-def leave_ranks() -> None:
+def leave_ranks(wait_for_peers: bool) -> None:
     if "torch" in sys.modules:
         from kd_core.engine.distributed import teardown
 
-        teardown()
+        teardown(wait_for_peers)
 
 
 def claim(store: Store, run_id: int, flag: StopFlag, pid: int | None = None) -> bool:
