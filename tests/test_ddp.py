@@ -143,8 +143,9 @@ def test_a_run_on_2_processes_through_the_queue_is_recorded_once(tmp_path: Path,
 def test_cancelling_a_2_process_run_checkpoints_and_resume_finishes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cancel signals torchrun (the recorded pid), which stops both ranks at the same step; rank 0 checkpoints."""
     store = queue_in(tmp_path, monkeypatch)
-    run_id = submit(store, validate_config(ddp_config(2, epochs=15)))
-    wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30, FINISH_TIMEOUT_S)
+    run_id = submit(store, validate_config(ddp_config(2, epochs=40)))  # about 10 s of training: the cancel lands mid-run
+    wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30 or store.get_run(run_id).status in DONE,
+             FINISH_TIMEOUT_S)
     assert pid_alive(store.get_run(run_id).pid)  # torchrun's pid: its cmdline names kd_core
     cancel(store, run_id)
     wait_for(store, "the cancel", lambda: store.get_run(run_id).status in DONE, FINISH_TIMEOUT_S)
@@ -197,7 +198,8 @@ def queue_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
 
 def ranks_of(store: Store, run_id: int) -> dict[int, int]:
     """rank -> pid of the processes torchrun (the run's recorded pid) started."""
-    wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30, FINISH_TIMEOUT_S)
+    wait_for(store, "30 steps", lambda: store.get_run(run_id).progress.get("step", 0) >= 30 or store.get_run(run_id).status in DONE,
+             FINISH_TIMEOUT_S)
     pid = store.get_run(run_id).pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     environ = {int(c): Path(f"/proc/{c}/environ").read_bytes().split(b"\0") for c in children}
