@@ -57,6 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     store = open_store(args)
     config = load_config(args.config, run_teachers=run_teachers_in(store))
+    if config.student.devices > 1:
+        return run_on_ranks(store, config)
     run_id = store.create_run(config.name, config.model_dump(mode="json"), status="running")
     run = store.get_run(run_id)
     store.update_run(run_id, started_at=time.time(), host=socket.gethostname(), pid=os.getpid(), executor="inline")
@@ -84,6 +86,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.checkpoint_wal()
     print(run_id)
     print(summary_table(summary), file=sys.stderr)
+    return 0
+
+
+def run_on_ranks(store: Any, config: Any) -> int:
+    """``student.devices`` > 1: the run's worker, through torchrun, in the foreground (its log lines go to the terminal).
+
+    Ctrl-C reaches torchrun, which stops every rank at the same step; rank 0 checkpoints and records the run.
+    """
+    import subprocess
+
+    from kd_core.runner.base import REPO_ROOT, worker_command, worker_env
+
+    run_id = store.create_run(config.name, config.model_dump(mode="json"), status="starting")
+    store.update_run(run_id, host=socket.gethostname(), pid=os.getpid(), executor="inline")
+    print(f"run {run_id}: {config.name} on {config.student.devices} processes (Ctrl-C stops it at a checkpoint; "
+          f"`resume {run_id}` continues)", file=sys.stderr)
+    env = {**os.environ, **worker_env(store), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    signal.signal(signal.SIGINT, lambda *_: None)  # the terminal's Ctrl-C reaches torchrun too; it stops the ranks
+    # the worker's log lines go to stderr: stdout carries only the run id, as for a one-device run
+    code = subprocess.run(worker_command(run_id, config.student.devices), env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr).returncode
+    run = store.get_run(run_id)
+    if run.status != "completed":
+        print(f"run {run_id} {run.status}: {(run.error or '').splitlines()[0] if run.error else f'exit status {code}'}", file=sys.stderr)
+        return 130 if run.status == "cancelled" else 1
+    print(run_id)
+    print(summary_table(run.summary), file=sys.stderr)
     return 0
 
 

@@ -138,6 +138,7 @@ class TrainingConfig(_Strict):
     arch: str
     epochs: int = Field(10, ge=0, le=10_000)
     batch_size: int = Field(64, ge=2, le=8192)
+    devices: int = Field(1, ge=1, le=64, description="processes (GPUs on CUDA) training this phase with DDP; batch_size stays the global batch")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
 
@@ -233,9 +234,9 @@ class ExperimentConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# Fields that do not change what is trained: renaming a run (or giving its loader more workers) must not make
-# its checkpoint foreign.
-_NOT_FINGERPRINTED = (("name",), ("dataset", "workers"))
+# Fields that do not change what is trained: renaming a run, giving its loader more workers or training it on
+# another number of devices must not make its checkpoint foreign.
+_NOT_FINGERPRINTED = (("name",), ("dataset", "workers"), ("teacher", "devices"), ("student", "devices"))
 # Fields added after runs were stored, with their defaults: a config that leaves one at its default keeps the
 # fingerprint it had before the field existed, so its checkpoint still resumes.
 _ADDED_LATER = {("dataset", "classes"): None, ("dataset", "loader"): "auto", ("channels_last",): "auto", ("compile",): False}
@@ -250,6 +251,8 @@ def config_fingerprint(config: ExperimentConfig) -> str:
         for part in parents:
             section = section[part]
         section.pop(key, None)
+    for teacher in data["teachers"]:
+        teacher.pop("devices", None)
     # only a top-k store changes what the student learns from (full logits read back are bit-equal to live ones);
     # added later, so a config without top-k keeps its fingerprint
     soft_labels = data.pop("soft_labels", None) or {}

@@ -27,7 +27,7 @@ def config_errors(config: ExperimentConfig, run_teachers: RunTeachers | None) ->
         errors += _source_errors(config, teacher, "teacher" if i == 0 else f"teachers[{i - 1}]", run_teachers)
     if config.student.epochs == 0:
         errors.append(("student.epochs", "the student needs at least 1 epoch"))
-    return errors + _soft_label_errors(config)
+    return errors + _soft_label_errors(config) + _devices_errors(config)
 
 
 def _soft_label_errors(config: ExperimentConfig) -> Errors:
@@ -36,6 +36,36 @@ def _soft_label_errors(config: ExperimentConfig) -> Errors:
         return [("soft_labels.top_k", f"keep fewer than the dataset's {num_classes} classes (1 to {num_classes - 1}), "
                  "or leave it out for full logits")]
     return []
+
+
+def run_devices(config: ExperimentConfig) -> int:
+    """How many processes (devices) train the run: every phase of a run trains on the same ones."""
+    return config.student.devices
+
+
+def _devices_errors(config: ExperimentConfig) -> Errors:
+    import os
+
+    from kd_core.runner.base import visible_gpus
+
+    errors: Errors = []
+    n = config.student.devices
+    for i, teacher in enumerate(config.all_teachers):
+        where = "teacher" if i == 0 else f"teachers[{i - 1}]"
+        trains = teacher.source in ("train", "torchvision", "timm") and teacher.epochs > 0
+        if trains and teacher.devices != n:
+            errors.append((f"{where}.devices", f"a teacher trained in the run uses the student's devices (student.devices: {n}); got {teacher.devices}"))
+        elif not trains and teacher.devices != 1:
+            errors.append((f"{where}.devices", "only a teacher trained in this run (source: train) trains on several devices; leave it at 1"))
+    if config.student.batch_size < n:
+        errors.append(("student.batch_size", f"each of the student.devices: {n} processes needs rows of the batch; use at least {n}"))
+    gpus = visible_gpus()
+    # the Ray cluster, not this host, has the GPUs; it keeps a job pending until N of them are free
+    on_cuda = config.device == "cuda" or (config.device == "auto" and gpus > 0)
+    if on_cuda and n > gpus and os.environ.get("DISTILLERY_EXECUTOR") != "ray":
+        errors.append(("student.devices", f"{n} devices on CUDA, but {gpus} CUDA GPU(s) are visible here; lower student.devices "
+                                          "or use device: cpu (several CPU processes with gloo)"))
+    return errors
 
 
 def _param_errors(where: str, kind: str, name: str, params: dict[str, Any], allowed: dict[str, Any]) -> Errors:

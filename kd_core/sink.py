@@ -87,3 +87,22 @@ class MetricLogger:
         self.sink.log_metrics(rows)
         if self.on_flush is not None:
             self.on_flush(rows)
+
+
+class NullSink:
+    """Drops everything: the sink of every rank but rank 0 in a run on several devices."""
+
+    def log_metrics(self, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def update_progress(self, progress: dict[str, Any]) -> None:
+        pass
+
+    def update_summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def add_artifact(self, kind: str, path: str, meta: dict[str, Any]) -> None:
+        pass
+
+    def discard_metrics_after(self, phase: str, step: int) -> None:
+        pass

@@ -212,3 +212,15 @@ def test_compare_shows_a_parameter_left_at_its_default(env, no_dispatch):
     first, second = sorted(r.id for r in env.list_runs(include_hidden=True))
     table = open_page("pages/compare.py", runs=f"{first},{second}").dataframe[-1].value
     assert list(table.loc["recipe[1].params.beta"]) == ["1", "2"]
+
+
+def test_devices_are_set_per_model_and_a_mismatch_is_named(env, no_dispatch):
+    """Several devices for one run (issue 13): the student's and a trained teacher's Devices fields."""
+    at = new_experiment()
+    assert shown_yaml(at)["student"]["devices"] == 1
+    at.selectbox(key="nx_device").set_value("cpu").run()
+    at.number_input(key="nx_s_devices").set_value(2).run()
+    assert "teacher.devices: a teacher trained in the run uses the student's devices" in errors(at)
+    at.number_input(key="nx_t_devices").set_value(2).run()
+    assert errors(at) == "" and not launch_button(at).disabled
+    assert (shown_yaml(at)["student"]["devices"], shown_yaml(at)["teacher"]["devices"]) == (2, 2)

@@ -35,7 +35,8 @@ def _model_fields(role: str) -> tuple[Field, ...]:
     p = ROLES[role]
     return (
         Field(f"{role}.arch", f"{p}arch", TEXT), Field(f"{role}.epochs", f"{p}epochs", INT),
-        Field(f"{role}.batch_size", f"{p}bs", INT), Field(f"{role}.optimizer.name", f"{p}opt", TEXT),
+        Field(f"{role}.batch_size", f"{p}bs", INT), Field(f"{role}.devices", f"{p}devices", INT),
+        Field(f"{role}.optimizer.name", f"{p}opt", TEXT),
         Field(f"{role}.optimizer.lr", f"{p}lr", FLOAT), Field(f"{role}.optimizer.momentum", f"{p}mom", FLOAT),
         Field(f"{role}.optimizer.weight_decay", f"{p}wd", FLOAT), Field(f"{role}.optimizer.nesterov", f"{p}nesterov", BOOL),
         Field(f"{role}.scheduler.name", f"{p}sched", TEXT), Field(f"{role}.scheduler.gamma", f"{p}gamma", FLOAT),

@@ -96,11 +96,12 @@ def arch_select(key: str, label: str = "Architecture", on_change=None) -> None:
 def model_section(check: FormCheck, role: str, disabled: bool = False) -> None:
     """Architecture-independent training settings of the teacher or the student."""
     p = f"{P}{role[0]}_"
-    c = st.columns(3)
+    c = st.columns(4)
     c[0].number_input("Epochs", key=f"{p}epochs", help=HELP["epochs"], disabled=disabled, **WHOLE)
     c[1].number_input("Batch size", key=f"{p}bs", help=HELP["batch_size"], disabled=disabled, **{**WHOLE, "step": 16.0})
-    c[2].selectbox("Optimizer", options_with(["sgd", "adamw"], ss.get(f"{p}opt")), key=f"{p}opt", help=HELP["optimizer"], disabled=disabled)
-    _row_problems(check, ("epochs", "batch_size", "optimizer.name"), f"{role}.")
+    c[2].number_input("Devices", key=f"{p}devices", help=HELP["devices"], disabled=disabled, **WHOLE)
+    c[3].selectbox("Optimizer", options_with(["sgd", "adamw"], ss.get(f"{p}opt")), key=f"{p}opt", help=HELP["optimizer"], disabled=disabled)
+    _row_problems(check, ("epochs", "batch_size", "devices", "optimizer.name"), f"{role}.")
     sgd = ss.get(f"{p}opt") == "sgd"
     c = st.columns(4)
     c[0].number_input("Learning rate", key=f"{p}lr", step=0.001, format="%g", help=HELP["lr"], disabled=disabled)

@@ -65,6 +65,8 @@ HELP = {
     "arch": "The network architecture. The teacher is usually big and accurate, the student small and fast.",
     "epochs": "Passes over the training images.",
     "batch_size": "Images per optimisation step.",
+    "devices": "Processes training this model together (DDP): GPUs on CUDA, CPU processes otherwise. Batch size stays "
+    "the global batch; a teacher trained here uses the student's number.",
     "optimizer": "SGD with momentum is the classic CNN choice; AdamW is more forgiving of the learning rate.",
     "lr": "Learning rate: the size of each update step. Must be > 0; typical: 0.05 (SGD), 0.001–0.003 (AdamW).",
     "momentum": "SGD momentum (0–1): how much of the previous step is kept. Ignored by AdamW.",

@@ -10,6 +10,7 @@ Where things are:
 * :mod:`~kd_core.engine.evaluation` — predictions, accuracy/agreement metrics;
 * :mod:`~kd_core.engine.checkpoint` — weights files and the identity-checked resumable checkpoint;
 * :mod:`~kd_core.engine.callbacks` — CKA at checkpoints and the end-of-run analysis bundle;
+* :mod:`~kd_core.engine.distributed` — several devices for one run (DDP ranks started by torchrun);
 * :mod:`~kd_core.engine.guard`, :mod:`~kd_core.engine.reporting`, :mod:`~kd_core.engine.precision`.
 
 ``run_experiment(config, sink, artifacts_dir)`` reports through a :class:`~kd_core.sink.MetricsSink`,

@@ -17,6 +17,7 @@ from kd_core.config import ExperimentConfig, LossTerm, config_fingerprint
 from kd_core.data import DataSplits, image_batches, load_dataset
 from kd_core.engine.callbacks import AnalysisBundle, Callback, CKAAtCheckpoints
 from kd_core.engine.checkpoint import Checkpointer, load_weights
+from kd_core.engine.distributed import setup as join_ranks
 from kd_core.engine.errors import TrainingError
 from kd_core.engine.evaluation import EVAL_BATCH, classification_metrics, confusion_matrix, predict
 from kd_core.engine.guard import NonFiniteGuard
@@ -28,7 +29,7 @@ from kd_core.features import FeatureTap, probe_shapes
 from kd_core.losses import BuildContext, DistillLoss, create_loss
 from kd_core.methods import Method, MethodContext, create_method
 from kd_core.models import count_parameters, create_model
-from kd_core.sink import MetricLogger, MetricsSink
+from kd_core.sink import MetricLogger, MetricsSink, NullSink
 from kd_core.teachers import RunTeachers, load_teacher_weights
 
 
@@ -53,18 +54,20 @@ class Experiment:
                  run_teachers: RunTeachers | None = None, run_uid: str | None = None, callbacks: Iterable[Callback] = (),
                  analysis_estimate_s: float | None = None) -> None:
         self.config = config
-        self.sink = sink
+        device = resolve_device(config.device)
+        self.dist = join_ranks(device)  # world 1 unless started by torchrun (student.devices > 1)
+        self.device = self.dist.device(device)
+        self.sink = sink if self.dist.is_main else NullSink()  # rank 0 alone reports
         self.dir = Path(artifacts_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.stop_requested = stop_requested
+        self.stop_requested = stop_requested if not self.dist.active else lambda: self.dist.any_rank(stop_requested(), self.device)
         self.run_teachers = run_teachers
-        self.device = resolve_device(config.device)
         try:
             self.precision = resolve_precision(config.precision, self.device)
         except PrecisionError as exc:
             raise TrainingError(str(exc)) from None
         self.guard = NonFiniteGuard()
-        self.logger = MetricLogger(sink, on_flush=self.guard.check)
+        self.logger = MetricLogger(self.sink, on_flush=self.guard.check)
         self.phases = plan_phases(config)
         d = config.dataset
         self.data: DataSplits = load_dataset(d.name, d.root, val_fraction=d.val_fraction, subset=d.subset, image_size=d.image_size,
@@ -73,7 +76,7 @@ class Experiment:
         self.callbacks: list[Callback] = [*callbacks]
         if config.analysis.enabled:
             self.callbacks += [CKAAtCheckpoints(self), AnalysisBundle(self)]
-        self.reporter = ProgressReporter(sink, self.phases, len(self.data.train_y), config.analysis.enabled, analysis_estimate_s)
+        self.reporter = ProgressReporter(self.sink, self.phases, len(self.data.train_y), config.analysis.enabled, analysis_estimate_s)
         self.teachers: list[nn.Module] = []  # the teacher, then any further teachers of an ensemble
         self._resume_state: dict[str, Any] | None = None
         self._clock = time.monotonic()
@@ -171,7 +174,7 @@ class Experiment:
         self.prepare_teacher(progress)
         sizes = self.model_sizes()
         self.sink.update_summary(sizes)
-        self.evaluate_fixed_teachers(progress)
+        progress.results.update(self.dist.on_main(lambda: self.evaluate_fixed_teachers(progress)))
         while progress.phase_index < len(self.phases):
             phase = self.phases[progress.phase_index]
             progress.results[phase.name] = PhaseRun(self, phase, progress).run()
@@ -179,13 +182,18 @@ class Experiment:
                 self.sink.update_summary(self.teacher_accuracies(progress))
             progress.next_phase()
             self.save_checkpoint(progress)
+        summary = self.dist.on_main(lambda: self.finish_run(progress))
+        return {**sizes, **summary}
+
+    def finish_run(self, progress: Progress) -> dict[str, Any]:
+        """The summary and the end-of-run callbacks (the analysis); on rank 0 alone when there are several devices."""
         summary = self.final_summary(progress)
         self.sink.update_summary(summary)
         for callback in self.callbacks:
             summary.update(callback.on_run_end(self))
         self.sink.update_summary(summary)
         self.logger.flush()
-        return {**sizes, **summary}
+        return summary
 
     def model_sizes(self) -> dict[str, Any]:
         student = create_model(self.config.student.arch, self.data.num_classes, self.data.in_channels, self.data.image_size)
@@ -193,8 +201,8 @@ class Experiment:
         return {"teacher_params": t, "student_params": s, "compression": round(t / s, 2), "device": str(self.device), "precision": self.precision.name,
                 "data_loader": self.data.loader, "data_loader_reason": self.data.loader_reason}
 
-    def evaluate_fixed_teachers(self, progress: Progress) -> None:
-        """Teachers not trained here (loaded, reused, random) are evaluated once, before any training."""
+    def evaluate_fixed_teachers(self, progress: Progress) -> dict[str, dict[str, Any]]:
+        """Teachers not trained here (loaded, reused, random) are evaluated once, before any training; returns their results."""
         split, x, y = self.data.eval_split()
         fixed = [(teacher_name(i), t) for i, (t, cfg) in enumerate(zip(self.teachers, self.config.all_teachers))
                  if not trained_here(cfg) and teacher_name(i) not in progress.results]
@@ -205,6 +213,7 @@ class Experiment:
             progress.results[name] = {"last": self.test_report(name, teacher)["top1"]}
         if fixed:
             self.sink.update_summary(self.teacher_accuracies(progress))
+        return {name: progress.results[name] for name, _ in fixed}
 
     def teacher_accuracies(self, progress: Progress) -> dict[str, Any]:
         """Test accuracy of the first teacher, and of each teacher when there are several (known so far)."""
@@ -267,6 +276,8 @@ class Experiment:
         return round(progress.trained_s + time.monotonic() - self._clock, 1)
 
     def save_checkpoint(self, progress: Progress, phase_state: dict[str, Any] | None = None) -> None:
+        if not self.dist.is_main:
+            return  # every rank holds the same state; rank 0 writes it
         self.logger.flush()  # also the non-finite check: a diverged state is never checkpointed
         self.tick(progress)
         state: dict[str, Any] = {"progress": progress.counters(), "results": json.dumps(progress.results), "rng": torch.get_rng_state()}

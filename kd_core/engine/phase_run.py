@@ -15,6 +15,7 @@ from torch import nn
 from kd_core.data import batch_indices, num_batches
 from kd_core.engine.callbacks import Callback
 from kd_core.engine.checkpoint import load_weights, save_weights
+from kd_core.engine.distributed import sync_batchnorm
 from kd_core.engine.errors import StopRequested
 from kd_core.engine.evaluation import classification_metrics, predict
 from kd_core.engine.optim import make_optimizer, make_scheduler
@@ -54,10 +55,24 @@ class PhaseRun:
         self.teacher_outputs = teacher_outputs_for(exp, phase, self.target_teacher, needs, self.losses, self.method) if teacher_needed else None
         self.step = TrainStep(self.model, self.losses, phase.recipe, exp.precision, self.optimizer, self.teacher_outputs, self.method)
         self.restore()
+        if exp.dist.active:
+            self.spread_over_ranks(params)
         exp.sink.discard_metrics_after(phase.name, progress.step)
         self.split, self.eval_x, self.eval_y = exp.data.eval_split()
         self.eval_teacher_logits = predict(self.target_teacher, self.eval_x, exp.precision) if self.target_teacher is not None else None
         exp.guard.start_phase(phase.name, cfg.optimizer.lr, {key: term.weight for key, term in zip(term_keys(phase.recipe), phase.recipe)})
+
+    def spread_over_ranks(self, params: list[nn.Parameter]) -> None:
+        """Several devices: the step's forward goes through DDP; the other trainable parameters' gradients are averaged.
+
+        ``self.model`` stays the plain module: evaluation, checkpoints and weights files never see DDP.
+        """
+        exp = self.experiment
+        sync_batchnorm(self.model, exp.device, exp.dist)
+        self.step.model = exp.dist.wrap(self.model, exp.device)
+        in_model = {id(p) for p in self.model.parameters()}
+        extras = [p for p in params if id(p) not in in_model]
+        self.step.after_backward = lambda: exp.dist.average_grads(extras)
 
     def restore(self) -> None:
         state = self.experiment.resume_state() if self.progress.step > 0 or self.progress.epoch > 0 else None
@@ -108,13 +123,17 @@ class PhaseRun:
             if self.teacher_outputs is not None:
                 self.teacher_outputs.close()
             exp.logger.flush()
-        return self.finish()
+        return exp.dist.on_main(self.finish)
 
     def train_epoch(self, epoch: int) -> None:
         exp, progress, cfg = self.experiment, self.progress, self.phase.model_config
         progress.epoch = epoch
         batches = batch_indices(len(exp.data.train_y), cfg.batch_size, shuffle=True, seed=exp.config.seed, epoch=epoch)
         on_step = [c for c in exp.callbacks if type(c).on_step is not Callback.on_step]
+        # streamed images are cropped per image: each process decodes only its rows, with the crops one process makes
+        per_rank = exp.dist.active and exp.data.train_x.kind == "streaming" and self.method is None
+        if per_rank:
+            batches = [exp.dist.shard(batch) for batch in batches]
         t0 = time.perf_counter()
         train = exp.data.train_x.train_batches(batches, start=progress.batch, epoch=epoch, seed=exp.config.seed,
                                                augment=exp.config.dataset.augment, flip=exp.data.flip)
@@ -124,15 +143,17 @@ class PhaseRun:
                 self.teacher_outputs.begin_batch(epoch, b)
             if self.method is not None:
                 batch = self.method.prepare_batch(batch, torch.Generator().manual_seed((exp.config.seed * 7927 + epoch) * 100_019 + b))
+            if not per_rank:
+                batch = exp.dist.shard_batch(batch)  # DDP: this rank's rows of the global batch (after augmenting it whole)
             out = self.step(batch, epoch=epoch, epoch_progress=epoch + b / len(batches), step=progress.step, total_steps=self.total_steps)
             progress.step += 1
             progress.batch = b + 1
-            values = self.step.logged_values(out)
+            values = exp.dist.mean_values(self.step.logged_values(out))  # DDP: the global batch's mean
             now = time.perf_counter()
-            values["images_per_s"] = len(idx) / max(now - t0, 1e-9)  # since the last step: waiting for data counts
+            values["images_per_s"] = len(idx) * (exp.dist.world if per_rank else 1) / max(now - t0, 1e-9)  # data waits count
             t0 = now
             exp.logger.log(self.phase.name, progress.step, epoch, values)
-            exp.reporter.images_seen += len(idx)
+            exp.reporter.images_seen += len(idx) * (exp.dist.world if per_rank else 1)
             exp.reporter.training(self.phase, progress, self.steps_per_epoch, {**self.teacher_mode, "trained_s": exp.trained_s(progress)})
             for callback in on_step:
                 callback.on_step(self, idx)
@@ -147,7 +168,16 @@ class PhaseRun:
         self.scheduler.step()
         progress.batch = 0
         exp.logger.flush()  # the non-finite check runs before this epoch can become "best"
-        method_values = self.method.on_epoch_end(self, exp.precision) if self.method is not None else {}
+        method_values = self.method.on_epoch_end(self, exp.precision) if self.method is not None else {}  # every rank: it may update the method
+        if exp.dist.is_main:
+            self.evaluate_epoch(epoch, method_values)
+        progress.epoch = epoch + 1
+        exp.save_checkpoint(progress, self.state())
+        exp.dist.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+
+    def evaluate_epoch(self, epoch: int, method_values: dict[str, Any]) -> None:
+        """Validation metrics, CKA checkpoints and the best weights (on rank 0 alone when there are several devices)."""
+        exp, progress = self.experiment, self.progress
         metrics = classification_metrics(self.predict(self.eval_x), self.eval_y, exp.data.num_classes, self.eval_teacher_logits)
         exp.logger.log(self.phase.name, progress.step, epoch, {**{f"{self.split}/{k}": v for k, v in metrics.items()}, **method_values})
         for callback in exp.callbacks:
@@ -157,8 +187,6 @@ class PhaseRun:
             save_weights(self.model, exp.dir / f"{self.phase.name}_best.safetensors")
             if self.method is not None:
                 save_weights(self.method, exp.dir / f"{self.phase.name}_best_method.safetensors")
-        progress.epoch = epoch + 1
-        exp.save_checkpoint(progress, self.state())
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The phase's prediction for ``x``: the model's logits, or what the method makes of them (a blend)."""

@@ -7,6 +7,7 @@ second), where a non-finite value is caught and named (:mod:`kd_core.engine.guar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -61,6 +62,8 @@ class TrainStep:
         self.tap = FeatureTap(model, stages="stages" in self.needs, embedding="embedding" in self.needs)
         # terms whose schedule follows their own value (TAID) get it after every step
         self.adaptive = [(key, loss) for key, loss in zip(self.keys, losses) if type(loss).after_step is not DistillLoss.after_step]
+        # several devices: averages the gradients the DDP-wrapped model does not cover (loss terms', a method's)
+        self.after_backward: Callable[[], None] | None = None
 
     def compute_terms(self, batch: Batch, *, epoch: int, step: int, total_steps: int, epoch_progress: float = 0.0) -> tuple[LossInputs, dict[str, torch.Tensor]]:
         """Forward passes under autocast; each loss term outside it, on float32 inputs.
@@ -97,9 +100,13 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             total.backward()
+            if self.after_backward is not None:
+                self.after_backward()
             self.optimizer.step()
         else:
             self.scaler.scale(total).backward()
+            if self.after_backward is not None:
+                self.after_backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         for key, loss in self.adaptive:

@@ -55,6 +55,8 @@ def store_blocker(exp: Experiment, needs: set[str], losses: list[DistillLoss], m
     """Why the teacher's logits of augmented batches cannot come from the soft-label store, or None when they can."""
     if not exp.config.soft_labels.store:
         return "soft_labels.store is off"
+    if exp.dist.active:
+        return "several devices: each process sees only its rows of a batch, and the store keeps whole batches"
     other = cache_blocker(True, False, needs, losses, method)
     if other:
         return other

@@ -177,10 +177,12 @@ def dispatch(store: Store, executor: Executor) -> list[int]:
             return started
         queued = sorted(store.list_runs(status="queued", include_hidden=True), key=lambda r: (r.created_at, r.id))
         for run in queued:
-            if len(started) >= free:
+            if free <= 0:
                 break
             if not _teacher_ready(store, run):
                 continue  # waits for the run that trains its teacher (a sweep's shared teacher)
+            if executor.slots_needed(run) > free:
+                break  # a run on several GPUs waits for them; runs queued after it do not overtake it
             claim = {"executor": executor.name, "host": HOST, "heartbeat_at": time.time(), "pid": None,
                      "executor_ref": None, "error": None, "finished_at": None, "log_path": str(log_path_for(run))}
             if not store.transition(run.id, "queued", "starting", **claim):
@@ -192,6 +194,7 @@ def dispatch(store: Store, executor: Executor) -> list[int]:
                                  error=f"could not start the worker ({executor.name} executor): {exc.__class__.__name__}: {exc}")
                 continue
             started.append(run.id)
+            free -= executor.slots_needed(run)
     return started
 
 

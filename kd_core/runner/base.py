@@ -76,6 +76,10 @@ class Executor(ABC):
     def occupied(self, active: list[RunRecord]) -> int:
         """How many of the slot-holding runs ``active`` use this executor's slots."""
 
+    def slots_needed(self, run: RunRecord) -> int:
+        """How many slots ``run`` holds while it trains (several for a run on several GPUs of this host)."""
+        return 1
+
     @abstractmethod
     def launch(self, store: Store, run: RunRecord) -> None:
         """Start ``python -m kd_core work RUN_ID`` for a run just claimed (status ``starting``); return at once."""
@@ -151,6 +155,22 @@ def worker_env(store: Store) -> dict[str, str]:
 
 def log_path_for(run: RunRecord) -> Path:
     return run_dir(run.uid) / LOG_NAME
+
+
+def run_devices(config: dict[str, Any]) -> int:
+    """``student.devices`` of a stored config: how many ranks train the run (1 for configs from before the key)."""
+    return int((config.get("student") or {}).get("devices") or 1)
+
+
+def worker_command(run_id: int, devices: int) -> list[str]:
+    """``python -m kd_core work RUN_ID``; through torchrun, one process per device, when the run has several.
+
+    The pid recorded is torchrun's (its cmdline names kd_core): cancel signals it, it stops the ranks.
+    """
+    work = ["-m", "kd_core", "work", str(run_id)]
+    if devices <= 1:
+        return [sys.executable, *work]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}", *work]
 
 
 # --------------------------------------------------------------------------- logs

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,9 @@ from kd_core.runner.base import (
     configured_slots,
     heartbeat_age,
     log_path_for,
+    run_devices,
     visible_gpus,
+    worker_command,
     worker_env,
 )
 
@@ -89,7 +90,13 @@ class LocalExecutor(Executor):
         return configured_slots(max(1, visible_gpus()))
 
     def occupied(self, active: list[RunRecord]) -> int:
-        return sum(1 for r in active if (r.executor or "local") in PROCESS_EXECUTORS and (r.host in (None, HOST)))
+        return sum(self.slots_needed(r) for r in active if (r.executor or "local") in PROCESS_EXECUTORS and (r.host in (None, HOST)))
+
+    def slots_needed(self, run: RunRecord) -> int:
+        # a slot is a GPU where there are GPUs: a run on N of them holds N (never more than exist, or it would wait forever)
+        if visible_gpus() == 0 or run.config.get("device") == "cpu":
+            return 1
+        return min(run_devices(run.config), self.slots())
 
     def launch(self, store: Store, run: RunRecord) -> None:
         log_path = log_path_for(run)
@@ -102,7 +109,7 @@ class LocalExecutor(Executor):
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting worker for run {run.id} on {HOST} ({device})\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kd_core", "work", str(run.id)],
+                worker_command(run.id, run_devices(run.config)),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -116,21 +123,22 @@ class LocalExecutor(Executor):
     def _assign_device(self, store: Store, run: RunRecord, env: dict[str, str]) -> str:
         """Give the worker one GPU (the least used by our other runs) via CUDA_VISIBLE_DEVICES."""
         gpus = visible_gpus()
-        threads = max(1, (os.cpu_count() or 1) // self.slots())
-        env.setdefault("DISTILLERY_THREADS", str(threads))  # CPU runs side by side must not oversubscribe cores
+        devices = run_devices(run.config)
+        threads = max(1, (os.cpu_count() or 1) // self.slots() // devices)
+        env.setdefault("DISTILLERY_THREADS", str(threads))  # CPU runs (and ranks) side by side must not oversubscribe cores
         if gpus == 0 or run.config.get("device") == "cpu":
-            return "cpu"
+            return "cpu" if devices == 1 else f"cpu x{devices}"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(gpus)]
         in_use: dict[str, int] = {i: 0 for i in ids}
         for other in store.list_runs(status=["starting", "running", "cancelling"], include_hidden=True):
             ref = other.executor_ref or ""
             if other.id != run.id and other.executor == self.name and other.host == HOST and ref.startswith("cuda:"):
-                gpu = ref.removeprefix("cuda:")
-                in_use[gpu] = in_use.get(gpu, 0) + 1
-        gpu = min(ids, key=lambda i: in_use.get(i, 0))
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-        return f"cuda:{gpu}"
+                for gpu in ref.removeprefix("cuda:").split(","):
+                    in_use[gpu] = in_use.get(gpu, 0) + 1
+        chosen = ",".join(sorted(ids, key=lambda i: in_use.get(i, 0))[:devices])  # validation refused more than visible
+        env["CUDA_VISIBLE_DEVICES"] = chosen
+        return f"cuda:{chosen}"
 
     def probe(self, run: RunRecord) -> Probe:
         if run.host not in (None, HOST):

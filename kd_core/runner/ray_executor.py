@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,8 @@ from kd_core.runner.base import (
     configured_slots,
     positive_env,
     log_path_for,
+    run_devices,
+    worker_command,
     worker_env,
 )
 
@@ -86,14 +87,13 @@ class RayExecutor(Executor):
             DISTILLERY_RAY_ADDRESS=self.address,
         )
         # the absolute interpreter: Ray would otherwise run whatever `python` is first on its PATH
-        entrypoint = (
-            f"cd {shlex.quote(os.getcwd())} && exec {shlex.quote(sys.executable)} -m kd_core work {run.id} "
-            f">> {shlex.quote(str(log_path))} 2>&1"
-        )
-        gpus = 1 if run.config.get("device") == "cuda" else None
+        devices = run_devices(run.config)  # several: torchrun starts one rank per GPU inside the job
+        command = " ".join(shlex.quote(part) for part in worker_command(run.id, devices))
+        entrypoint = f"cd {shlex.quote(os.getcwd())} && exec {command} >> {shlex.quote(str(log_path))} 2>&1"
+        gpus = devices if run.config.get("device") == "cuda" else None
         with open(log_path, "a") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} submitting run {run.id} to Ray at {self.address}"
-                      f"{' (1 GPU)' if gpus else ''}\n")
+                      f"{f' ({gpus} GPU)' if gpus else ''}\n")
         submission_id = f"distillery-run-{run.id}-{int(time.time() * 1000)}"
         self.client.submit_job(
             entrypoint=entrypoint,

@@ -127,8 +127,13 @@ def main(run_id: int, db_url: str | None = None) -> int:
     from storage import Store
 
     store = Store(db_url)
+    ranks = join_ranks(store, run_id)
+    if not ranks.is_main:
+        return follow(store, run_id, flag)
     first_attempt = store.get_run(run_id).started_at is None  # before claim() records this start
-    if not claim(store, run_id, flag):
+    claimed = claim(store, run_id, flag, pid=os.getppid() if ranks.active else os.getpid())
+    ranks.on_main(lambda: (claimed, first_attempt))  # tells the other ranks whether to train, and how
+    if not claimed:
         return 0
     heartbeat = Heartbeat(store, run_id, flag)
     heartbeat.start()
@@ -140,13 +145,48 @@ def main(run_id: int, db_url: str | None = None) -> int:
     start_next(store)
     store.checkpoint_wal()  # last write of this worker: the WAL is folded back and truncated
     store.dispose()
+    leave_ranks(outcome.status != "failed")
     return 0 if outcome.status != "failed" else 1
 
 
-def claim(store: Store, run_id: int, flag: StopFlag) -> bool:
-    """``starting -> running`` with our pid; False (after tidying up) when the run is no longer ours to run."""
+def join_ranks(store: Store, run_id: int) -> Any:
+    """This process's place among the run's ranks (world 1 unless torchrun started it, for ``student.devices`` > 1)."""
+    from kd_core.engine.distributed import launched_ranks, setup
+    from kd_core.engine.experiment import resolve_device
+
+    ranks = launched_ranks()
+    if not ranks.active:
+        return ranks
+    return setup(resolve_device(store.get_run(run_id).config.get("device", "auto")))
+
+
+def follow(store: Store, run_id: int, flag: StopFlag) -> int:
+    """A rank other than 0: trains its shard with a null sink; rank 0 claims, reports and ends the run.
+
+    An exception here propagates (exit status 1): torchrun then stops the other ranks and rank 0 records the failure.
+    """
+    from kd_core.engine.distributed import launched_ranks
+
+    claimed, first_attempt = launched_ranks().on_main(lambda: (False, False))
+    if not claimed:
+        return 0
+    outcome = _train(store, run_id, flag, first_attempt)
+    leave_ranks(outcome.status != "failed")
+    return 0 if outcome.status != "failed" else 1
+
+
+def leave_ranks(wait_for_peers: bool) -> None:
+    if "torch" in sys.modules:
+        from kd_core.engine.distributed import teardown
+
+        teardown(wait_for_peers)
+
+
+def claim(store: Store, run_id: int, flag: StopFlag, pid: int | None = None) -> bool:
+    """``starting -> running`` with our pid (torchrun's for a run on several devices: the one cancel signals);
+    False (after tidying up) when the run is no longer ours to run."""
     now = time.time()
-    fields = {"pid": os.getpid(), "host": HOST, "started_at": now, "heartbeat_at": now, "finished_at": None, "error": None}
+    fields = {"pid": pid or os.getpid(), "host": HOST, "started_at": now, "heartbeat_at": now, "finished_at": None, "error": None}
     if store.transition(run_id, "starting", "running", **fields):
         return True
     status = store.get_run(run_id).status
@@ -190,9 +230,10 @@ def _train(store: Store, run_id: int, flag: StopFlag, first_attempt: bool) -> Ou
     directory = run_dir(run.uid)
     # only a run that was started before continues from a checkpoint, and only from one that proves to be its own
     resume = not first_attempt and (directory / CHECKPOINT).exists()
-    if not resume:
+    if not resume and main_rank():
         discard_all_metrics(store, run_id)  # a restart from scratch must not duplicate an earlier attempt's rows
-    log(f"run {run_id} ({config.name}, uid {run.uid}) on {HOST}, pid {os.getpid()}, " + ("resuming from its checkpoint" if resume else "from scratch"))
+    rank = f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if "RANK" in os.environ else ""
+    log(f"run {run_id} ({config.name}, uid {run.uid}) on {HOST}, pid {os.getpid()}{rank}, " + ("resuming from its checkpoint" if resume else "from scratch"))
     if flag.is_set():
         return Outcome("cancelled", how=f"on request ({flag.reason})")
     try:
@@ -203,6 +244,10 @@ def _train(store: Store, run_id: int, flag: StopFlag, first_attempt: bool) -> Ou
         return Outcome("cancelled", how=f"on request ({flag.reason})")
     log("completed: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return Outcome("completed")
+
+
+def main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def analysis_estimate(store: Store, run: Any, recent: int = 5) -> float | None:
