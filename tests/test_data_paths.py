@@ -139,3 +139,14 @@ def test_a_streamed_run_without_augmentation_caches_the_teachers_outputs(folder:
     assert cached["teacher_outputs"] == "cached" and live["teacher_outputs"] == "live"
     a, b = load_file(str(tmp_path / "cached" / "student.safetensors")), load_file(str(tmp_path / "live" / "student.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_teacher_outputs_too_large_for_the_memory_budget_run_live_and_say_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLERY_RESIDENT_MAX_MB", "0.001")  # 1 kB: the teacher's logits of 240 digits take 9.4 kB
+    cfg = validate_config({"name": "budget", "device": "cpu", "dataset": {"name": "digits", "subset": 300, "val_fraction": 0.2},
+                           "teacher": {"arch": "cnn_tiny", "source": "random", "epochs": 0},
+                           "student": {"arch": "cnn_tiny", "epochs": 1, "batch_size": 32}, "recipe": [{"loss": "kd"}],
+                           "baseline": False, "analysis": {"enabled": False}})
+    summary = run_experiment(cfg, MemorySink(), tmp_path)
+    assert summary["teacher_outputs"] == "live"
+    assert "the teacher's logits of 240 images would take 0 MB, over the 0 MB budget" in summary["teacher_outputs_reason"]

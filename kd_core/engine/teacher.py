@@ -75,10 +75,20 @@ def open_store(exp: Experiment, phase: Phase, teacher: nn.Module) -> SoftLabelSt
     return SoftLabelStore(soft_labels_root(), store_fields(teacher, exp, phase, storage), num_classes, sizes)
 
 
+def cache_too_large(exp: Experiment) -> str | None:
+    """Why the teacher's logits of the whole training set do not fit the memory budget, or None when they do."""
+    from kd_core.settings import resident_budget_bytes
+
+    need, budget = len(exp.data.train_y) * exp.data.num_classes * 4, resident_budget_bytes(exp.device)
+    if need > budget:
+        return f"the teacher's logits of {len(exp.data.train_y):,} images would take {need / 2**20:,.0f} MB, over the {budget / 2**20:,.0f} MB budget"
+    return None
+
+
 def teacher_outputs_for(exp: Experiment, phase: Phase, teacher: nn.Module, needs: set[str], losses: list[DistillLoss],
                         method: Method | None) -> TeacherOutputs:
     """Cached when nothing varies the teacher's input; from the soft-label store when only augmentation does; else live."""
-    why_live = cache_blocker(exp.config.cache_teacher, exp.config.dataset.augment, needs, losses, method)
+    why_live = cache_blocker(exp.config.cache_teacher, exp.config.dataset.augment, needs, losses, method) or cache_too_large(exp)
     store = None
     if why_live == AUGMENTED:
         why_not_stored = store_blocker(exp, needs, losses, method)
