@@ -259,7 +259,7 @@ def test_the_recipe_learns_from_the_mean_of_the_teachers_softmaxes(meal_run: tup
     method = watch.method
     assert method is not None and method._memo_complete and method._memo is not None
     with torch.no_grad():
-        mean_logits = torch.stack([t(data.train_x) for t in watch.teachers]).mean(0)
+        mean_logits = torch.stack([t(data.train_x[:]) for t in watch.teachers]).mean(0)
     torch.testing.assert_close(method._memo, mean_logits, rtol=1e-5, atol=1e-5)
 
 

@@ -42,13 +42,25 @@ class DataSplits:
     def train_y(self) -> torch.Tensor:
         return self.train_x.y
 
+    @train_y.setter
+    def train_y(self, labels: torch.Tensor) -> None:
+        self.train_x.y = labels
+
     @property
     def val_y(self) -> torch.Tensor:
         return self.val_x.y
 
+    @val_y.setter
+    def val_y(self, labels: torch.Tensor) -> None:
+        self.val_x.y = labels
+
     @property
     def test_y(self) -> torch.Tensor:
         return self.test_x.y
+
+    @test_y.setter
+    def test_y(self, labels: torch.Tensor) -> None:
+        self.test_x.y = labels
 
     @property
     def num_classes(self) -> int:
