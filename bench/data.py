@@ -44,8 +44,10 @@ def resident_epoch(epochs: int = 3, batch_size: int = 64) -> None:
         return epochs * n / (time.perf_counter() - start)
 
     run(lambda idx: before[idx])  # warm-up
-    float_rate, uint8_rate = run(lambda idx: before[idx]), run(lambda idx: data.train_x[idx])
-    print(f"resident, mnist5k ({n} images), augmented batches of {batch_size}, CPU:")
+    # best of 5, interleaved: a shared machine disturbs each pass differently
+    rates = [(run(lambda idx: before[idx]), run(lambda idx: data.train_x[idx])) for _ in range(5)]
+    float_rate, uint8_rate = max(r[0] for r in rates), max(r[1] for r in rates)
+    print(f"resident, mnist5k ({n} images), augmented batches of {batch_size}, CPU, {torch.get_num_threads()} threads, best of 5:")
     print(f"  float32 normalized up front: {float_rate:10.0f} images/s, {before.numel() * 4 / 2**20:6.1f} MB")
     print(f"  uint8, normalized per batch: {uint8_rate:10.0f} images/s, {data.train_x.images.numel() / 2**20:6.1f} MB"
           f"  ({uint8_rate / float_rate:.2f}× the speed, {data.train_x.images.numel() / (before.numel() * 4):.2f}× the memory)")
@@ -153,8 +155,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the resident comparison")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     resident_epoch()
     streaming_curve(args.sizes, args.image_size, args.workers, args.batch_size)
 
