@@ -16,23 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kd_core.config import validate_config
-from kd_core.data import batch_indices, load_dataset
 from kd_core.data.registry import DATASETS, DatasetInfo, RawImages
 from kd_core.engine import run_experiment
-from kd_core.engine.optim import make_optimizer
-from kd_core.losses import kd_loss
-from kd_core.models import create_model
 from kd_core.sink import MemorySink
+from throughput import plain_loop  # noqa: E402 - bench/ is on the path when run as a script
 
 RECIPES = {
     "KD": [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "params": {"temperature": 4}}],
@@ -57,39 +52,10 @@ def config(args: argparse.Namespace, recipe: str, **knobs: object) -> dict:
             "recipe": RECIPES[recipe], "baseline": False, "checkpoint_every_s": 3600, "analysis": {"enabled": False}, **knobs}
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def plain_loop(args: argparse.Namespace) -> tuple[float, float]:
-    """(images/s, seconds per epoch) of the hand-written loop: fp32, teacher every step, no logging."""
-    data = load_dataset("cifar100_shaped", val_fraction=0.0, device=args.device)
-    train_x = data.train_x[:]
-    torch.manual_seed(0)
-    teacher = create_model(args.teacher, 100, 3, 32).to(args.device).eval()
-    student = create_model(args.student, 100, 3, 32).to(args.device)
-    optimizer = make_optimizer(list(student.parameters()), validate_config(config(args, "KD")).student)
-    images, start = 0, None
-    for epoch in range(args.epochs):
-        for idx in batch_indices(len(data.train_y), args.batch_size, shuffle=True, seed=0, epoch=epoch):
-            idx = idx.to(args.device)
-            x, y = train_x[idx], data.train_y[idx]
-            with torch.no_grad():
-                t_logits = teacher(x)
-            logits = student(x)
-            loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * kd_loss(logits, t_logits, 4.0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if start is None:
-                sync(args.device)
-                start = time.perf_counter()
-            else:
-                images += len(idx)
-    sync(args.device)
-    rate = images / (time.perf_counter() - start)
-    return rate, len(data.train_y) / rate
+def plain_loop_rate(args: argparse.Namespace) -> tuple[float, float]:
+    """(images/s, seconds per epoch) of the hand-written loop of bench/throughput.py: fp32, teacher every step, no logging."""
+    rate = plain_loop(argparse.Namespace(**vars(args), dataset="cifar100_shaped"))
+    return rate, args.train / rate
 
 
 def kd_core_rate(args: argparse.Namespace, recipe: str, **knobs: object) -> tuple[float, float]:
@@ -122,7 +88,7 @@ def main() -> None:
     register_cifar100_shaped(args.train, 256)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.teacher} -> {args.student}, CIFAR-100-shaped {args.train} images, batch {args.batch_size}, {args.epochs} epochs, {device}")
-    rows = {"plain PyTorch KD loop, fp32 (baseline)": plain_loop(args)}
+    rows = {"plain PyTorch KD loop, fp32 (baseline)": plain_loop_rate(args)}
     for recipe in RECIPES:
         rows[f"kd_core {recipe}, defaults"] = kd_core_rate(args, recipe)
     rows["kd_core KD, precision fp32"] = kd_core_rate(args, "KD", precision="fp32")
