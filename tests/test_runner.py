@@ -123,7 +123,8 @@ def runner_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[St
 def test_kill_9_mid_epoch_is_noticed_and_resume_continues(runner_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     store = runner_store
     monkeypatch.setenv("DISTILLERY_SLOTS", "1")
-    config = tiny_config("kill-me", arch="resnet8", image_size=32, epochs=2)
+    # batches of 4: an epoch lasts several seconds, so the 1 s mid-epoch checkpoint is on disk long enough to be seen
+    config = tiny_config("kill-me", arch="resnet8", image_size=32, epochs=2, batch_size=4)
     run_id = submit(store, config)
 
     # wait for a mid-epoch checkpoint (batch > 0), then kill the worker without any chance to report
