@@ -97,6 +97,14 @@ def store(store_url):  # type: ignore[no-untyped-def]
 # =============================================================================
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_soft_labels_root(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Module-scoped fixtures train before the per-test folder below is set: they get the session's folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTILLERY_SOFT_LABELS", str(tmp_path_factory.mktemp("session_soft_labels")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def soft_labels_root(tmp_path_factory, monkeypatch):  # type: ignore[no-untyped-def]
     """Augmented runs write teacher soft labels (kd_core.engine.soft_labels): never into the checkout, never

@@ -75,8 +75,10 @@ def series(rows: list[dict[str, Any]], key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def one_and_two(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], MemorySink, dict[str, Any], Path]:
     tmp = tmp_path_factory.mktemp("ddp")
-    summary1, sink1 = in_process(ddp_config(1), tmp / "one")
-    two = torchrun(ddp_config(2), tmp / "two", tmp / "two.json")
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: conftest's per-test soft-label folder is not set yet
+        patch.setenv("DISTILLERY_SOFT_LABELS", str(tmp / "soft_labels"))
+        summary1, sink1 = in_process(ddp_config(1), tmp / "one")
+        two = torchrun(ddp_config(2), tmp / "two", tmp / "two.json")
     return summary1, sink1, two, tmp
 
 
