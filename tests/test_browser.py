@@ -148,7 +148,7 @@ def test_launch_the_digits_preset_and_watch_the_run_complete(app_url) -> None:
     url, _ = app_url
     with browser_page() as page:
         page.goto(f"{url}/new_experiment")
-        expect(page.get_by_text("Start from a preset")).to_be_visible()
+        expect(page.get_by_text("Start from a preset", exact=True)).to_be_visible()
         preset = page.get_by_test_id("stSelectbox").filter(has_text="Start from a preset")
         preset.click()
         page.get_by_role("option", name="digits · cnn_small → cnn_tiny").click()

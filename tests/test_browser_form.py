@@ -24,7 +24,7 @@ def open_form(page, url: str) -> None:
     from playwright.sync_api import expect
 
     page.goto(f"{url}/new_experiment")
-    expect(page.get_by_text("Start from a preset")).to_be_visible()
+    expect(page.get_by_text("Start from a preset", exact=True)).to_be_visible()
     settle(page)
 
 

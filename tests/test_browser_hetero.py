@@ -29,7 +29,7 @@ def test_a_vit_teacher_and_a_cnn_student_launched_from_the_form_show_cka_across_
 
     with serve(tmp_path_factory.mktemp("hetero")) as (url, env), browser_page() as page:
         page.goto(f"{url}/new_experiment")
-        expect(page.get_by_text("Start from a preset")).to_be_visible()
+        expect(page.get_by_text("Start from a preset", exact=True)).to_be_visible()
         page.get_by_test_id("stSelectbox").filter(has_text="Start from a preset").click()
         page.get_by_role("option", name="digits · cnn_small → cnn_tiny").click()
         page.get_by_role("button", name="Load preset").click()

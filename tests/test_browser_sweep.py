@@ -31,7 +31,7 @@ def launch_from_the_form(page, url: str) -> None:
     from playwright.sync_api import expect
 
     page.goto(f"{url}/new_experiment")
-    expect(page.get_by_text("Start from a preset")).to_be_visible()
+    expect(page.get_by_text("Start from a preset", exact=True)).to_be_visible()
     settle(page)
     page.get_by_test_id("stSelectbox").filter(has_text="Start from a preset").click()
     page.get_by_role("option", name="digits · cnn_small → cnn_tiny").click()
