@@ -1,5 +1,5 @@
-"""Image files decoded batch by batch in ``torch.utils.data`` worker processes: memory does not grow with the
-number of images (only paths and labels are held).
+"""Image files decoded batch by batch in ``torch.utils.data`` worker processes. Only paths and labels are held,
+so memory barely grows with the number of images (bench/data.py: 558 MB at 1k images, 626 MB at 50k).
 
 Training images get a random resized crop and a flip (torchvision's ImageNet recipe), seeded per (seed,
 epoch, image) so any worker decodes the same crop and a resumed epoch replays it; evaluation images are
