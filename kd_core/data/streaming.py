@@ -26,15 +26,13 @@ if TYPE_CHECKING:
     from kd_core.data.splits import ClassSelection, DataSplits
 
 
-def limit_malloc_growth(arenas: int = 2) -> None:
-    """Keep glibc from holding freed batch buffers: fewer malloc arenas, and buffers of 1 MB and more mapped and
-    unmapped (glibc otherwise raises its mmap threshold after the first free and keeps such buffers in its heap).
-    Without this, one epoch over 50k streamed images raised peak memory by ~200 MB (bench/data.py)."""
+def limit_malloc_growth() -> None:
+    """Keep glibc from holding freed batch buffers: buffers of 1 MB and more are mapped and unmapped (glibc
+    otherwise raises its mmap threshold after the first free and keeps such buffers in its heap). Without this,
+    one epoch over 50k streamed images raised peak memory by ~200 MB (bench/data.py)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD fixed at 1 MB: batch buffers are mapped and unmapped, not kept
-    except (OSError, AttributeError):  # not glibc: nothing to cap
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD, fixed at 1 MB
+    except (OSError, AttributeError):  # not glibc: nothing to limit
         pass
 
 
