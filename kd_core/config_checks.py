@@ -57,6 +57,9 @@ def _devices_errors(config: ExperimentConfig) -> Errors:
             errors.append((f"{where}.devices", f"a teacher trained in the run uses the student's devices (student.devices: {n}); got {teacher.devices}"))
         elif not trains and teacher.devices != 1:
             errors.append((f"{where}.devices", "only a teacher trained in this run (source: train) trains on several devices; leave it at 1"))
+    if n > 1 and config.dataset.loader == "streaming":
+        errors.append(("dataset.loader", f"streaming is not supported on several devices yet (student.devices: {n}); "
+                                         "use resident, or one device"))
     if config.student.batch_size < n:
         errors.append(("student.batch_size", f"each of the student.devices: {n} processes needs rows of the batch; use at least {n}"))
     gpus = visible_gpus()

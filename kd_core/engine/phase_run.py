@@ -130,10 +130,6 @@ class PhaseRun:
         progress.epoch = epoch
         batches = batch_indices(len(exp.data.train_y), cfg.batch_size, shuffle=True, seed=exp.config.seed, epoch=epoch)
         on_step = [c for c in exp.callbacks if type(c).on_step is not Callback.on_step]
-        # streamed images are cropped per image: each process decodes only its rows, with the crops one process makes
-        per_rank = exp.dist.active and exp.data.train_x.kind == "streaming" and self.method is None
-        if per_rank:
-            batches = [exp.dist.shard(batch) for batch in batches]
         t0 = time.perf_counter()
         train = exp.data.train_x.train_batches(batches, start=progress.batch, epoch=epoch, seed=exp.config.seed,
                                                augment=exp.config.dataset.augment, flip=exp.data.flip)
@@ -143,17 +139,16 @@ class PhaseRun:
                 self.teacher_outputs.begin_batch(epoch, b)
             if self.method is not None:
                 batch = self.method.prepare_batch(batch, torch.Generator().manual_seed((exp.config.seed * 7927 + epoch) * 100_019 + b))
-            if not per_rank:
-                batch = exp.dist.shard_batch(batch)  # DDP: this rank's rows of the global batch (after augmenting it whole)
+            batch = exp.dist.shard_batch(batch)  # DDP: this rank's rows of the global batch (after augmenting it whole)
             out = self.step(batch, epoch=epoch, epoch_progress=epoch + b / len(batches), step=progress.step, total_steps=self.total_steps)
             progress.step += 1
             progress.batch = b + 1
             values = exp.dist.mean_values(self.step.logged_values(out))  # DDP: the global batch's mean
             now = time.perf_counter()
-            values["images_per_s"] = len(idx) * (exp.dist.world if per_rank else 1) / max(now - t0, 1e-9)  # data waits count
+            values["images_per_s"] = len(idx) / max(now - t0, 1e-9)  # since the last step: waiting for data counts
             t0 = now
             exp.logger.log(self.phase.name, progress.step, epoch, values)
-            exp.reporter.images_seen += len(idx) * (exp.dist.world if per_rank else 1)
+            exp.reporter.images_seen += len(idx)
             exp.reporter.training(self.phase, progress, self.steps_per_epoch, {**self.teacher_mode, "trained_s": exp.trained_s(progress)})
             for callback in on_step:
                 callback.on_step(self, idx)
