@@ -15,10 +15,10 @@ for all layer pairs come from one of two paths, picked by a cost model (``choose
 * feature: ``‖X_iᵀY_j‖²_F - d·d`` from float64 GEMMs, 2n·(P·Q + Σp² + Σq²) flops for summed widths P, Q.
   Cheap when widths are small against n. Kept in float64: these entries are sums over n examples and
   float32 left errors of ~1e-7 at n = 10⁴, too close to the 1e-6 we promise.
-* gram: each layer's Gram in float32, only row panels from the diagonal rightwards (K is symmetric), and
-  all pairwise inner products of the stored panels in one batched GEMM per panel, summed in float64 chunk
-  by chunk. About n²·(1 + b/n)·(P+Q) float32 flops for panels of b rows; memory bounded by the panel size
-  whatever n. A Gram entry sums p products of centred values, and the entries' independent rounding
+* gram: each layer's Gram in float32, one triangle only (K is symmetric: BLAS syrk on the diagonal tiles,
+  GEMM right of them, in row panels), and all pairwise inner products of the stored panels in one batched
+  GEMM per panel, summed in float64 chunk by chunk. About n(n+1)·(P+Q) float32 flops; memory bounded by
+  the panel size whatever n. On CPU the products run in scipy's OpenBLAS (``blas``). A Gram entry sums p products of centred values, and the entries' independent rounding
   errors average out in the n² terms of ``off`` (≤ 1.2e-7 from float64 in our checks, n = 128..10⁴); a
   single float32 sum over a whole panel was not accurate enough (2e-6 at n = 2000), hence the chunks.
 """
@@ -31,6 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from kd_core.analysis import blas
 from kd_core.analysis.cka_math import ArrayLike, as_matrix, check_pair
 
 Method = Literal["auto", "gram", "feature"]
@@ -38,7 +39,8 @@ F64 = torch.float64
 
 # Cost model of the two paths, in float64 GEMM flops, fitted with single-core CPU times of both paths on
 # four width sets (10..16 up to 10..2048, n = 256..2000) on the 2-core machine of bench/cka.py, which
-# prints the model next to measured times (``--model-check``):
+# prints the model next to measured times (``--model-check``: at the predicted crossover the measured
+# gram/feature time ratio was 1.00 and 1.04 on two width sets):
 # - a float32 flop costs half a float64 one (GEMM peak of AVX2 / AVX-512 cores and data-centre GPUs);
 F32_FLOP = 0.5
 # - per stored Gram entry of each layer the gram path also writes it, masks the diagonal tile, reads it back
@@ -48,7 +50,7 @@ GRAM_ENTRY = 120
 # - per feature entry, the centring passes and copies (fitted in float64; float32 on the gram path).
 PREP_ENTRY = 600
 PANEL_BYTES = 256 * 2**20  # float32 Gram panels of all layers at once
-MIN_PANEL_ROWS = 128  # thinner panels lose GEMM efficiency and pay more per-call overhead
+MIN_PANEL_ROWS = 256  # thinner panels lose BLAS efficiency and pay more per-call overhead
 CHUNK = 4096  # products summed in float32 before the float64 accumulation (65536: 3x the error)
 # Below this many examples the gram path stays float64: float32 rounding of the Gram entries only averages
 # out over many entries (worst seen, float32, debiased: 4e-4 at n = 4, 2e-6 at n = 16, 1e-7 at n = 128),
@@ -57,10 +59,11 @@ F32_MIN_N = 128
 
 
 def panel_rows(n: int, layers: int) -> int:
-    """Rows per Gram panel: ~n/8 (panels recompute a strip below the diagonal, ~b/n extra), at least
-    ``MIN_PANEL_ROWS``, at most what fits ``PANEL_BYTES`` for all layers."""
+    """Rows per Gram panel: ~n/4, at least ``MIN_PANEL_ROWS``, at most what fits ``PANEL_BYTES`` for all
+    layers. (Measured with 16 layers of widths 10..2048: 256 rows or n/4 were within 5 % of the best
+    of 128..n rows for n = 256..5000.)"""
     fit = max(1, PANEL_BYTES // (4 * layers * n))
-    return min(n, fit, max(MIN_PANEL_ROWS, -(-n // 8)))
+    return min(n, fit, max(MIN_PANEL_ROWS, -(-n // 4)))
 
 
 def gram_entries(n: int, rows: int) -> int:
@@ -71,7 +74,8 @@ def gram_entries(n: int, rows: int) -> int:
 def gram_path_cost(n: int, widths_x: Sequence[int], widths_y: Sequence[int]) -> float:
     layers, width = len(widths_x) + len(widths_y), sum(widths_x) + sum(widths_y)
     entries = gram_entries(n, panel_rows(n, layers))
-    work = entries * (2 * width + layers * (GRAM_ENTRY + 2 * layers)) + n * width * PREP_ENTRY
+    products = n * (n + 1) * width  # one triangle of each Gram (syrk on the diagonal tiles)
+    work = products + entries * layers * (GRAM_ENTRY + 2 * layers) + n * width * PREP_ENTRY
     return work * (F32_FLOP if n >= F32_MIN_N else 1.0)
 
 
@@ -87,25 +91,53 @@ def choose_method(n: int, widths_x: Sequence[int], widths_y: Sequence[int]) -> L
     return "gram" if gram < feature_path_cost(n, widths_x, widths_y) else "feature"
 
 
-def _center(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Column-centred copy of ``x`` in ``dtype``.
+def _centered(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Column-centred copies of the layers ``xs`` in ``dtype``, contiguous views of one allocation (one
+    fresh block of memory instead of one per layer: page faults were a tenth of the time at n = 256).
 
     The first mean is taken in the finer of the input's and the target precision (a float64 input with a
     large offset must not be rounded before centring); the second pass removes the rounding of the first
     mean, since the formulas above rely on columns that sum to zero (``K1 = 0``).
     """
-    xc = x.to(torch.promote_types(x.dtype, dtype))
-    xc = (xc - xc.mean(0)).to(dtype)
-    xc -= xc.mean(0)
-    return xc
+    n = xs[0].shape[0]
+    flat = torch.empty(n * sum(x.shape[1] for x in xs), dtype=dtype, device=xs[0].device)
+    out, start = [], 0
+    for x in xs:
+        xc = flat[start : start + x.numel()].view(x.shape)
+        start += x.numel()
+        wide = x.to(torch.promote_types(x.dtype, dtype))
+        torch.sub(wide, _column_mean(wide), out=xc)
+        xc -= _column_mean(xc)
+        out.append(xc)
+    return out
+
+
+def _column_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(0)`` as a matrix-vector product (BLAS gemv: 1.7x faster than torch's column reduction on
+    [256, 2048] float32, a tenth of the gram path's time at n = 256)."""
+    return torch.full((1, x.shape[0]), 1.0 / x.shape[0], dtype=x.dtype, device=x.device) @ x
+
+
+def _fill_panel(f: torch.Tensor, s: int, r: int, out: torch.Tensor) -> None:
+    """``out`` ← rows ``s:s+r`` of ``f``'s Gram from column ``s`` on: the ``r×r`` diagonal tile (one triangle,
+    the other zero) then the block right of it, stored ``[n-s-r, r]`` (column-major, as BLAS writes it)."""
+    rows, cols = f[s : s + r], f[s + r :]
+    tile, block = out[: r * r].view(r, r), out[r * r :].view(len(cols), r)
+    if f.device.type == "cpu":
+        blas.gram_upper(rows, tile)
+        if len(cols):
+            blas.cross(rows, cols, block)
+    else:
+        torch.mm(rows, rows.T, out=tile).tril_()
+        torch.mm(cols, rows.T, out=block)
 
 
 def _gram_path(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """For the given centred layers (one dtype): ``Σ_{a≠b} K_ab L_ab`` for every pair ``[L, L]`` and each
     Gram's diagonal ``[L, n]``, both float64.
 
-    A panel holds, per layer, ``K[s:s+r, s:]`` flattened (the same layout for all layers); in its leading
-    ``r×r`` tile only the part above the diagonal is kept, so every ``a < b`` is counted once.
+    A panel holds, per layer, ``K[s:s+r, s:]`` flattened (``_fill_panel``'s layout, the same for all layers);
+    its leading ``r×r`` tile keeps one triangle without the diagonal, so every ``a < b`` is counted once.
     """
     n, layers = feats[0].shape[0], len(feats)
     rows = panel_rows(n, layers)
@@ -118,14 +150,18 @@ def _gram_path(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
         size, chunks = r * c, -(-r * c // CHUNK)
         panel = buf[:, : chunks * CHUNK]
         for i, f in enumerate(feats):
-            torch.mm(f[s : s + r], f[s:].T, out=panel[i, :size].view(r, c))
-        tiles = panel[:, :size].view(layers, r, c)[:, :, :r]
-        diag[:, s : s + r] = tiles.diagonal(dim1=1, dim2=2)
-        tiles.triu_(1)
+            _fill_panel(f, s, r, panel[i, :size])
+        tile_diagonals = panel[:, : r * r].view(layers, r, r).diagonal(dim1=1, dim2=2)
+        diag[:, s : s + r] = tile_diagonals
+        tile_diagonals.zero_()
         panel[:, size:].zero_()  # padding of the last chunk
         per_chunk = panel.view(layers, chunks, CHUNK).transpose(0, 1)
         total += torch.bmm(per_chunk, per_chunk.transpose(1, 2)).sum(0, dtype=F64)
     return 2 * total, diag
+
+
+def _at_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return blas.at_b(a, b) if a.device.type == "cpu" else a.T @ b
 
 
 def _feature_path(
@@ -139,8 +175,8 @@ def _feature_path(
     )
     full = torch.zeros(len(xs), len(ys), dtype=F64, device=ycat.device)
     for i, x in enumerate(xs):  # ‖X_iᵀY_j‖²: X_iᵀ[Y_1 … Y_L] squared, summed per y layer (memory p_i × ΣQ)
-        full[i].index_add_(0, seg, (x.T @ ycat).square_().sum(0))
-    own = torch.stack([torch.linalg.matrix_norm(f.T @ f).square() for f in (*xs, *ys)])
+        full[i].index_add_(0, seg, _at_b(x, ycat).square_().sum(0))
+    own = torch.stack([torch.linalg.matrix_norm(_at_b(f, f)).square() for f in (*xs, *ys)])
     d = torch.cat([dx, dy])
     return full - dx @ dy.T, own - (d * d).sum(1)
 
@@ -181,14 +217,15 @@ def cka_matrix_from_features(
     if method not in ("gram", "feature"):
         raise ValueError(f"unknown method {method!r}")
     lx = len(xt)
-    if method == "gram":
-        feats = [_center(t, torch.float32 if n >= F32_MIN_N else F64) for t in (*xt, *yt)]
-        total, diag = _gram_path(feats)
-        off, own = total[:lx, lx:], total.diagonal()
-    else:
-        feats = [_center(t, F64) for t in (*xt, *yt)]
-        diag = torch.stack([torch.linalg.vector_norm(f, dim=1).square_() for f in feats])
-        off, own = _feature_path(feats[:lx], feats[lx:], diag[:lx], diag[lx:])
+    with blas.same_threads_as_torch():
+        if method == "gram":
+            feats = _centered([*xt, *yt], torch.float32 if n >= F32_MIN_N else F64)
+            total, diag = _gram_path(feats)
+            off, own = total[:lx, lx:], total.diagonal()
+        else:
+            feats = _centered([*xt, *yt], F64)
+            diag = torch.stack([torch.linalg.vector_norm(f, dim=1).square_() for f in feats])
+            off, own = _feature_path(feats[:lx], feats[lx:], diag[:lx], diag[lx:])
     dx, dy = diag[:lx], diag[lx:]
     own_x, own_y = own[:lx], own[lx:]
     tx, ty = dx.sum(1), dy.sum(1)
