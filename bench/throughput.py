@@ -5,7 +5,8 @@
 Prints images/s of: the plain loop (teacher under no_grad every step + student + KD), kd_core's KD step
 with and without teacher-output caching, student-alone CE training, and kd_core with metrics going to a
 real SQLite database instead of memory (the cost of logging). Ratios are against the plain loop.
-kd_core figures come from the timestamps of its own per-step metric rows (evaluation excluded).
+kd_core figures come from the timestamps of its own per-step metric rows, within each epoch (the evaluation and
+checkpoint between epochs excluded); the plain loop is timed the same way, from each epoch's first step to its last.
 
 Then augmented KD (``dataset.augment: true``, where the in-memory cache cannot be used): the teacher live every
 step (``soft_labels.store: false``), the first run that writes the soft-label store, and a second run that reads
@@ -58,11 +59,19 @@ KD_RECIPE = [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "param
 
 
 def kd_core_images_per_s(rows: list[dict], batch_size: int, n_train: int) -> float:
-    """Images per second between the first and the last logged step of the student phase."""
-    times = sorted(r["time"] for r in rows if r["key"] == "loss/total" and r["phase"] == "student")
-    steps = len(times) - 1
+    """Images per second of the student's training steps: within each epoch, from its first to its last logged
+    step, summed over epochs (the evaluation and checkpoint between epochs are left out: the plain loop has neither)."""
+    by_epoch: dict[int, list[float]] = {}
+    for r in rows:
+        if r["key"] == "loss/total" and r["phase"] == "student":
+            by_epoch.setdefault(r["epoch"], []).append(r["time"])
     last_batch = n_train % batch_size or batch_size
-    return (steps * batch_size - batch_size + last_batch) / (times[-1] - times[0]) if steps > 0 else float("nan")
+    images = seconds = 0.0
+    for times in by_epoch.values():
+        if len(times) > 1:
+            images += (len(times) - 2) * batch_size + last_batch  # the steps after the first; the last may be short
+            seconds += max(times) - min(times)
+    return images / seconds if seconds > 0 else float("nan")
 
 
 def plain_loop(args: argparse.Namespace) -> float:
@@ -74,7 +83,7 @@ def plain_loop(args: argparse.Namespace) -> float:
     student = create_model(args.student, data.num_classes, data.in_channels, data.image_size).to(args.device)
     cfg = validate_config(config(args, KD_RECIPE, True)).student
     optimizer = make_optimizer(list(student.parameters()), cfg)
-    images, start = 0, None
+    images, seconds, start = 0, 0.0, None
     for epoch in range(args.epochs):
         for idx in batch_indices(len(data.train_y), args.batch_size, shuffle=True, seed=0, epoch=epoch):
             idx = idx.to(train_x.device)
@@ -86,13 +95,15 @@ def plain_loop(args: argparse.Namespace) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if start is None:  # time from the end of the first step, like the kd_core figures
+            if start is None:  # time from the end of each epoch's first step, like the kd_core figures
                 sync(args.device)
                 start = time.perf_counter()
             else:
                 images += len(idx)
-    sync(args.device)
-    return images / (time.perf_counter() - start)
+        sync(args.device)
+        seconds += time.perf_counter() - start
+        start = None
+    return images / seconds
 
 
 def sync(device: str) -> None:

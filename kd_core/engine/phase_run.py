@@ -149,7 +149,7 @@ class PhaseRun:
             t0 = now
             exp.logger.log(self.phase.name, progress.step, epoch, values)
             exp.reporter.images_seen += len(idx)
-            exp.reporter.training(self.phase, progress, self.steps_per_epoch, {**self.teacher_mode, "trained_s": exp.trained_s(progress)})
+            exp.reporter.training(self.phase, progress, self.steps_per_epoch, lambda: {**self.teacher_mode, "trained_s": exp.trained_s(progress)})
             for callback in on_step:
                 callback.on_step(self, idx)
             if exp.stop_requested():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kd_core.engine.phases import Phase, Progress
@@ -48,7 +49,10 @@ class ProgressReporter:
         """Measure throughput from now on (a phase's set-up, e.g. caching teacher outputs, is not training speed)."""
         self._last_time, self._last_images = time.monotonic(), self.images_seen
 
-    def training(self, phase: Phase, progress: Progress, steps_per_epoch: int, extra: dict[str, Any], force: bool = False) -> None:
+    def training(self, phase: Phase, progress: Progress, steps_per_epoch: int, extra: Callable[[], dict[str, Any]],
+                 force: bool = False) -> None:
+        """Progress for the dashboard, at most every ``REPORT_INTERVAL_S`` (``extra`` is only called then: this runs
+        after every step)."""
         now = time.monotonic()
         if not force and now - self._last_time < REPORT_INTERVAL_S:
             return
@@ -61,7 +65,7 @@ class ProgressReporter:
             "phase": phase.name, "phase_index": progress.phase_index + 1, "phases": self.total_phases,
             "epoch": progress.epoch + 1, "epochs": cfg.epochs, "step": progress.step, "steps": steps_per_epoch * cfg.epochs,
             "images_per_s": round(rate, 1) if rate else None, "eta_s": round(eta, 1) if eta is not None else None,
-            "eta_includes_analysis": not self.analysis or self.analysis_estimate_s is not None, **extra,
+            "eta_includes_analysis": not self.analysis or self.analysis_estimate_s is not None, **extra(),
         })
 
     def analysis_stage(self, stage: str) -> None:
