@@ -14,7 +14,14 @@ the other 999 runs share the remaining rows. Then it times:
   cold (empty live cache: the first render in a fresh dashboard process), then a poll after the "training"
   appended ``--append`` more rows (only the tail from the first incomplete bucket is read; the result is
   checked against ``Store.metric_series_bucketed`` from scratch); and as a finished run (``st.cache_data``);
-* the per-epoch accuracy table of the big run.
+* the per-epoch accuracy table of the big run;
+* every page's whole server-side script run (bench/page_times.py, whose docstring says how): New experiment,
+  Runs, Run detail of the big run (Curves, also as if running, and a click on each other tab), Analysis of the
+  big run, Compare of runs 1-3 (and switching it to the 2M-row key), Sweeps (a 240-run sweep made for the
+  duration), Playground; driven through app.py by Streamlit's AppTest but timed inside the script thread, so
+  AppTest's own overhead is not counted.  "first" is the view in a new process that has only viewed another
+  page, "cleared" after clearing st.cache_data and the live cache, "best" the best of 3 warm views.
+  ``--pages NAME ...`` times only the pages whose names contain one of the words; ``--no-pages`` none.
 
 The appended rows (steps past the big run's last step) are deleted again at the end, so the file is reused
 unchanged.  Prints one line per measurement: the first call and the best of 3 (cold timings clear the live
@@ -179,6 +186,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--big-rows", type=int, default=2_000_000)
     ap.add_argument("--append", type=int, default=1_000, help="rows appended to the live run before each poll")
+    ap.add_argument("--no-pages", action="store_true", help="skip the whole-page timings (AppTest)")
+    ap.add_argument("--pages", nargs="*", default=None, help="time only the pages whose names contain one of these")
     args = ap.parse_args()
 
     if Path(args.db).exists():
@@ -288,6 +297,16 @@ def main() -> None:
         removed = store.delete_metrics_after(1, "student", last_step)
         print(f"(removed the {removed:,} appended rows again)")
     print("* outside a Streamlit session st.cache_data falls back to a process-local memo with the same key")
+    store.dispose()
+    if not args.no_pages:
+        import tempfile
+
+        from bench.page_times import page_section
+
+        home = tempfile.mkdtemp(prefix="distillery-bench-home-")  # no artifacts: the pages say what is missing
+        os.environ.setdefault("DISTILLERY_HOME", home)
+        os.environ.setdefault("DISTILLERY_ARTIFACTS", str(Path(home) / "artifacts"))
+        page_section(only=args.pages)
 
 
 if __name__ == "__main__":

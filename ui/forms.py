@@ -16,6 +16,7 @@ from typing import Any
 import streamlit as st
 
 from kd_core.settings import data_home
+from ui import param_counts
 from ui.form_fields import P, term_ids
 from ui.form_recipe import param_widget_value
 from ui.form_state import config_to_state, remember_loaded_name
@@ -153,36 +154,22 @@ def dataset_shape(name: str, image_size: int | None) -> tuple[int, int, int]:
     return (info.num_classes or 10), info.in_channels, int(image_size or info.image_size)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
 def param_count(arch: str, num_classes: int, in_channels: int, image_size: int) -> int | None:
-    from kd_core.models import MODELS, count_parameters, create_model
+    """``arch``'s parameter count for this input shape; None for an unknown arch or one that cannot take the images.
 
-    if arch not in MODELS:
-        return None
-    try:
-        return count_parameters(create_model(arch, num_classes, in_channels, image_size))
-    except Exception:  # noqa: BLE001 - e.g. an input too small for the net: the config check reports it at launch
-        return None
+    From the shipped table for the built-in datasets' shapes, else built once per process (ui.param_counts)."""
+    return param_counts.param_count(arch, num_classes, in_channels, image_size)
 
 
 @functools.lru_cache(maxsize=16)
 def arch_param_counts(num_classes: int, in_channels: int, image_size: int) -> dict[str, int | None]:
     """Every architecture's parameter count for this input shape (None where it cannot be built for it).
 
-    Built on the meta device: shapes only, no memory and no initialisation, so the whole zoo takes about a second;
-    kept per process, since a count depends on nothing but the architecture and the shape."""
-    import torch
+    The built-in datasets' shapes come from a table (building the zoo, even on the meta device, took ~3.5 s on a
+    server's first view of the form); other shapes are built on the meta device, once per process."""
+    from kd_core.models import MODELS
 
-    from kd_core.models import MODELS, count_parameters, create_model
-
-    counts: dict[str, int | None] = {}
-    for arch in MODELS:
-        try:
-            with torch.device("meta"):
-                counts[arch] = count_parameters(create_model(arch, num_classes, in_channels, image_size))
-        except Exception:  # noqa: BLE001 - an input too small for the net: the config check says so at launch
-            counts[arch] = None
-    return counts
+    return {arch: param_count(arch, num_classes, in_channels, image_size) for arch in MODELS}
 
 
 def trained_teacher_runs(store) -> list[Any]:
