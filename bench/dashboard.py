@@ -23,6 +23,9 @@ the other 999 runs share the remaining rows. Then it times:
   page, "cleared" after clearing st.cache_data and the live cache, "best" the best of 3 warm views.
   ``--pages NAME ...`` times only the pages whose names contain one of the words; ``--no-pages`` none.
 
+``--server-cpu [--hold 60]`` measures the dashboard server's CPU instead, with Playwright holding each page
+(and three tabs together) open on a live run, and a watched vs unwatched demo run: see bench/server_cpu.py.
+
 The appended rows (steps past the big run's last step) are deleted again at the end, so the file is reused
 unchanged.  Prints one line per measurement: the first call and the best of 3 (cold timings clear the live
 cache before each call; poll timings append ``--append`` rows before each call).
@@ -188,7 +191,15 @@ def main() -> None:
     ap.add_argument("--append", type=int, default=1_000, help="rows appended to the live run before each poll")
     ap.add_argument("--no-pages", action="store_true", help="skip the whole-page timings (AppTest)")
     ap.add_argument("--pages", nargs="*", default=None, help="time only the pages whose names contain one of these")
+    ap.add_argument("--server-cpu", action="store_true",
+                    help="instead: the server's CPU with real browser tabs held open (bench/server_cpu.py, ~12 min)")
+    ap.add_argument("--hold", type=float, default=60.0, help="with --server-cpu: seconds each page is held open")
     args = ap.parse_args()
+    if args.server_cpu:
+        import server_cpu  # this script's folder is on sys.path
+
+        server_cpu.measure(server_cpu.DEFAULT_CONFIG, args.hold)
+        return
 
     if Path(args.db).exists():
         print(f"reusing {args.db} (delete it to rebuild)")

@@ -175,32 +175,40 @@ def live_cases(context, url: str, pid: int, env: dict[str, str], config: Path, f
     cli(env, "cancel", str(live))
 
 
+DEFAULT_CONFIG = str(ROOT / "configs" / "mnist5k_kd.yaml")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "mnist5k_kd.yaml"))
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--hold", type=float, default=60.0, help="seconds each page or set of tabs is held open")
     args = parser.parse_args()
+    measure(args.config, args.hold)
+
+
+def measure(config: str, hold_s: float) -> None:
+    """Every case of the module docstring, printed as a table."""
     from playwright.sync_api import sync_playwright
 
     rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory() as tmp, dashboard(Path(tmp)) as (url, pid, env):
-        hold(pid, args.hold, "idle, no tab open", rows)
-        first = int(cli(env, "submit", args.config))
+        hold(pid, hold_s, "idle, no tab open", rows)
+        first = int(cli(env, "submit", config))
         wall_u, cpu, _, status = window(pid, lambda: wait_finished(env, first))
         rows.append((f"unwatched run {first} ({status})", f"{wall_u:.0f}", f"{cpu:.2f}", "-"))
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1400, "height": 1600})
-            second, wall_w = watched_cases(context, url, pid, env, args.config, rows)
-            live_cases(context, url, pid, env, long_config(args.config, Path(tmp) / "long.yaml"), second, args.hold, rows)
+            second, wall_w = watched_cases(context, url, pid, env, config, rows)
+            live_cases(context, url, pid, env, long_config(config, Path(tmp) / "long.yaml"), second, hold_s, rows)
             tabs = open_tabs(context, url, [f"run_detail?run={second}"])
             time.sleep(3)
-            hold(pid, args.hold, "finished run, 1 tab (Run detail)", rows)
+            hold(pid, hold_s, "finished run, 1 tab (Run detail)", rows)
             tabs += open_tabs(context, url, ["runs", f"compare?runs={first},{second}"])
             time.sleep(3)
-            hold(pid, args.hold, "finished runs, 3 tabs", rows)
+            hold(pid, hold_s, "finished runs, 3 tabs", rows)
             browser.close()
-    print(f"config {Path(args.config).relative_to(ROOT)}, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs\n")
+    print(f"config {Path(config).relative_to(ROOT)}, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs\n")
     print("| case | wall (s) | server CPU (% of one core) | Chromium CPU (% of one core) |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {' | '.join(row)} |")
