@@ -111,3 +111,32 @@ def test_a_read_only_sqlite_file_is_named_on_the_page(env, monkeypatch, tmp_path
     assert at.title[0].value == "The database cannot be opened"
     assert "cannot open the database sqlite:///" in shown and "ro.db?mode=ro" in shown
     assert "the SQLite file or its folder is read-only" in shown
+
+
+def _loss_points(at) -> int:
+    """Points behind the live 'loss/total' chart, from the figure's meta (set by ui.charts.curves_figure)."""
+    import json
+
+    figs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    return next(f["layout"]["meta"]["points"] for f in figs if "loss/total" in json.dumps(f["layout"].get("yaxis", {})))
+
+
+def test_live_curves_are_redrawn_every_chart_interval_while_the_status_follows_each_poll(env, no_dispatch):
+    """A poll between two chart refreshes keeps the figures (the browser does not redraw them) but not the status."""
+    run_id = make_run(env, "running", TRAINING)
+
+    def log(steps: range) -> None:
+        env.append_metrics(run_id, [{"phase": "student", "step": s, "epoch": 0, "key": "loss/total", "value": 1.0 / s,
+                                     "time": time.time()} for s in steps])
+
+    log(range(1, 11))
+    at = run_detail(run_id)
+    assert _loss_points(at) == 10
+    log(range(11, 31))
+    env.update_run(run_id, progress={**TRAINING, "step": 130}, heartbeat_at=time.time())
+    at.run()
+    assert _loss_points(at) == 10 and "step 130/456" in texts(at)  # held figures, fresh status
+    key = f"rd_live_figs_{run_id}_step"
+    at.session_state[key] = (at.session_state[key][0] - 3600, at.session_state[key][1])  # the chart interval has passed
+    at.run()
+    assert _loss_points(at) == 30
