@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--hold", type=float, default=60.0, help="with --server-cpu: seconds each page is held open")
     args = ap.parse_args()
     if args.server_cpu:
-        import server_cpu  # this script's folder is on sys.path
+        from bench import server_cpu
 
         server_cpu.measure(server_cpu.DEFAULT_CONFIG, args.hold)
         return

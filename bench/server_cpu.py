@@ -141,11 +141,12 @@ def long_config(path: str, out: Path) -> Path:
     return out
 
 
-def watched_cases(context, url: str, pid: int, env: dict[str, str], config: str, rows: list) -> tuple[int, float]:
-    """The demo run again, with Run detail, Runs and Compare open on it from submission to its end."""
+def watched_cases(context, url: str, pid: int, env: dict[str, str], config: str, first: int, rows: list) -> tuple[int, float]:
+    """The demo run again, with Run detail, Runs and Compare (with the ``first`` run) open on it from submission to
+    its end."""
     second = int(cli(env, "submit", config))
     t0 = time.perf_counter()
-    tabs = open_tabs(context, url, [f"run_detail?run={second}", "runs", f"compare?runs={second - 1},{second}"])
+    tabs = open_tabs(context, url, [f"run_detail?run={second}", "runs", f"compare?runs={first},{second}"])
     # CPU is measured once the tabs have drawn (their steady polling); the wall time from submission
     _, cpu, browser, status = window(pid, lambda: wait_finished(env, second))
     rows.append((f"watched run {second} ({status}), 3 tabs (Run detail, Runs, Compare)",
@@ -199,7 +200,7 @@ def measure(config: str, hold_s: float) -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1400, "height": 1600})
-            second, wall_w = watched_cases(context, url, pid, env, config, rows)
+            second, wall_w = watched_cases(context, url, pid, env, config, first, rows)
             live_cases(context, url, pid, env, long_config(config, Path(tmp) / "long.yaml"), second, hold_s, rows)
             tabs = open_tabs(context, url, [f"run_detail?run={second}"])
             time.sleep(3)

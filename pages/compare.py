@@ -53,6 +53,24 @@ def pick_runs(store):
     return [by_id[i] for i in chosen], runs
 
 
+def _curves_figure(store, runs, phase: str, key: str, x: str, smoothing: float):
+    """(figure, plotted frames) of one metric over the runs; (None, []) when none of them logged it."""
+    curves, frames = [], []
+    colors = charts.run_colors([r.id for r in runs])
+    for r in runs:
+        df = metrics.bucketed_series(store, r, key, phase)
+        if df.empty:
+            continue
+        curves.append(charts.Curve(name=f"#{r.id} {r.name}", color=colors[r.id], frame=df))
+        frames.append(df.assign(run=r.id, run_name=r.name, key=key))
+    if not curves:
+        return None, []
+    t0 = {f"#{r.id} {r.name}": r.started_at for r in runs if r.started_at}
+    fig = charts.curves_figure(curves, x=x, title=f"{charts.role_label(phase)} · {key}", y_title=key,
+                               smoothing=smoothing, t0=t0, height=480)
+    return fig, frames
+
+
 def curves_section(store, runs) -> None:
     st.header("Curves")
     keys_by_run = {r.id: metrics.metric_keys(store, r) for r in runs}
@@ -73,21 +91,14 @@ def curves_section(store, runs) -> None:
                              help="Wall time = minutes since the run started.") or "step"
     smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0 if metrics.is_epoch_key(key) else 0.6, 0.01, key=f"cmp_smooth_{metrics.is_epoch_key(key)}",
                           help="Exponential moving average weight (0 = raw). The raw curve stays visible, faint, behind the smoothed one.")
-    curves, frames = [], []
-    colors = charts.run_colors([r.id for r in runs])
-    for r in runs:
-        df = metrics.bucketed_series(store, r, key, phase)
-        if df.empty:
-            continue
-        name = f"#{r.id} {r.name}"
-        curves.append(charts.Curve(name=name, color=colors[r.id], frame=df))
-        frames.append(df.assign(run=r.id, run_name=r.name, key=key))
-    if not curves:
+    live = any(r.status in ACTIVE for r in runs)
+    held_key = f"cmp_curves_{[r.id for r in runs]}_{phase}_{key}_{x}_{smoothing}"
+    fig, frames = ui_state.held_while_live(held_key, live, lambda: _curves_figure(store, runs, phase, key, x, smoothing))
+    if fig is None:
         st.info(f"None of the selected runs logged {key} for the {phase}.")
         return
-    t0 = {f"#{r.id} {r.name}": r.started_at for r in runs if r.started_at}
-    fig = charts.curves_figure(curves, x=x, title=f"{charts.role_label(phase)} · {key}", y_title=key,
-                               smoothing=smoothing, t0=t0, height=480)
+    if live:
+        st.caption(f"While a run trains, the chart is redrawn every {ui_state.CHART_REFRESH_S:g} s.")
     st.plotly_chart(fig, config=charts.plotly_config(f"compare_{phase}_{key}"), key="cmp_chart", theme=None)
     c = st.columns([1, 1, 4], vertical_alignment="center")
     with c[0]:

@@ -25,7 +25,6 @@ from ui.badges import (
 )
 
 ACTIVE = ui_state.ACTIVE
-CHART_REFRESH_S = 15.0  # live curves: see live_curve_figures
 RUN_DETAIL_PAGE = "pages/run_detail.py"
 
 
@@ -176,27 +175,15 @@ def summary_block(run) -> None:
 # --------------------------------------------------------------------------- tabs
 
 
-def live_curve_figures(store, run, x: str):
-    """The Curves tab's figures, rebuilt at most every ``CHART_REFRESH_S`` while the run is active (the status and
-    progress above them follow every poll): the browser redraws a chart only when its figure changed."""
-    if run.status not in ACTIVE:
-        return metrics.curve_figures(store, run, x=x)
-    key, now = f"rd_live_figs_{run.id}_{x}", time.monotonic()
-    built = st.session_state.get(key)
-    if built is None or now - built[0] >= CHART_REFRESH_S:
-        built = (now, metrics.curve_figures(store, run, x=x))
-        st.session_state[key] = built
-    return built[1]
-
-
 def curves_tab(store, run) -> None:
     st.caption("Every value logged per training step. Long series are averaged into buckets on the server; "
                "the shaded band shows each bucket's min–max, so spikes are never hidden."
-               + (f" While the run trains, the curves are redrawn every {CHART_REFRESH_S:g} s." if run.status in ACTIVE else ""))
+               + (f" While the run trains, the curves are redrawn every {ui_state.CHART_REFRESH_S:g} s." if run.status in ACTIVE else ""))
     x = st.segmented_control("x-axis", ["step", "epoch", "time"], default="step", key="rd_x",
                              format_func=lambda v: {"step": "step", "epoch": "epoch", "time": "wall time"}[v],
                              help="Steps restart at 0 for each model (teacher, student, baseline).") or "step"
-    groups = live_curve_figures(store, run, x)
+    groups = ui_state.held_while_live(f"rd_curves_{run.id}_{x}", run.status in ACTIVE,
+                                      lambda: metrics.curve_figures(store, run, x=x))
     if not groups:
         st.info("No training steps logged yet.")
         return

@@ -136,7 +136,33 @@ def test_live_curves_are_redrawn_every_chart_interval_while_the_status_follows_e
     env.update_run(run_id, progress={**TRAINING, "step": 130}, heartbeat_at=time.time())
     at.run()
     assert _loss_points(at) == 10 and "step 130/456" in texts(at)  # held figures, fresh status
-    key = f"rd_live_figs_{run_id}_step"
-    at.session_state[key] = (at.session_state[key][0] - 3600, at.session_state[key][1])  # the chart interval has passed
+    _age_held_charts(at)
     at.run()
     assert _loss_points(at) == 30
+
+
+def _age_held_charts(at) -> None:
+    """As if the chart interval (ui.state.CHART_REFRESH_S) had passed since the held figures were built."""
+    held = at.session_state["live_charts_held"]
+    for key, (built, value) in list(held.items()):
+        held[key] = (built - 3600, value)
+
+
+def test_compare_holds_its_live_chart_between_chart_refreshes(env, no_dispatch):
+    run_id = make_run(env, "running", TRAINING)
+    done = make_run(env, "completed", summary={"student_acc": 90.0})
+
+    def log(run: int, steps: range) -> None:
+        env.append_metrics(run, [{"phase": "student", "step": s, "epoch": 0, "key": "loss/total", "value": 1.0 / s,
+                                  "time": time.time()} for s in steps])
+
+    log(done, range(1, 6))
+    log(run_id, range(1, 11))
+    at = open_page("pages/compare.py", runs=f"{done},{run_id}")
+    assert _loss_points(at) == 15
+    log(run_id, range(11, 31))
+    at.run()
+    assert _loss_points(at) == 15
+    _age_held_charts(at)
+    at.run()
+    assert _loss_points(at) == 35

@@ -2,9 +2,10 @@
 
 Why: a Gram ``XXᵀ`` is symmetric, and BLAS ``syrk`` computes one triangle for half the flops of the GEMM that
 ``torch.mm`` runs (torch exposes no syrk). On one core of our 2-core AMD EPYC, ``[256, 2048]`` float32:
-syrk 1.43 ms, OpenBLAS GEMM 2.39 ms, ``torch.mm`` 2.58 ms. All functions take C-contiguous CPU tensors of one dtype (float32 or float64) and write into ``out`` without
-copies (a C-contiguous ``[m, k]`` block is a Fortran ``[k, m]`` matrix, so transposes are free). BLAS runs
-on as many threads as torch (``torch.get_num_threads()``), inside ``same_threads_as_torch()``.
+syrk 1.43 ms, OpenBLAS GEMM 2.39 ms, ``torch.mm`` 2.58 ms. All functions take C-contiguous CPU tensors of
+one dtype (float32 or float64) and write into ``out`` without copies (a C-contiguous ``[m, k]`` block is a
+Fortran ``[k, m]`` matrix, so transposes are free). BLAS runs on as many threads as torch
+(``torch.get_num_threads()``), inside ``same_threads_as_torch()``.
 """
 
 from __future__ import annotations
