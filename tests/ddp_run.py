@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kd_core.config import validate_config
 from kd_core.engine import StopRequested, run_experiment
-from kd_core.engine.distributed import teardown
+from kd_core.engine.distributed import end_rank
 from kd_core.sink import MemorySink
 
 
@@ -37,7 +37,7 @@ def main(config_path: str, out_dir: str, result_path: str, stop_after: int | Non
     Path(f"{result_path}.rank{rank}").write_text(json.dumps({"rows": len(sink.rows), "steps": steps[0]}))
     if rank == "0":
         Path(result_path).write_text(json.dumps({"summary": summary, "rows": sink.rows, "stopped": stopped}))
-    teardown()  # as the worker does: no rank exits while another still talks to it
+    end_rank(0)  # as the worker does: no rank exits while another still talks to it, and none through C++ teardown
 
 
 if __name__ == "__main__":

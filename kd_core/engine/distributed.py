@@ -159,6 +159,22 @@ def teardown(wait_for_peers: bool = True) -> None:
     dist.destroy_process_group()
 
 
+def end_rank(code: int, wait_for_peers: bool = True) -> int:
+    """Leave the process group (``teardown``); in a process that had joined one, end the process at once with ``code``.
+
+    Ranks of finished 2-process gloo runs on CPU have aborted at exit ("terminate called without an active
+    exception", SIGABRT) after writing every result: the C++ side of the process group torn down with the
+    interpreter. ``os._exit`` skips that teardown, so torchrun sees the rank's own exit status. Returns ``code``
+    in a single process.
+    """
+    if not dist.is_initialized():
+        return code
+    teardown(wait_for_peers)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def die_with_parent() -> None:
     """Ask Linux to kill this rank when torchrun dies: a SIGKILL of torchrun must not leave ranks training alone.
 

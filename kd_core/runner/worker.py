@@ -145,8 +145,7 @@ def main(run_id: int, db_url: str | None = None) -> int:
     start_next(store)
     store.checkpoint_wal()  # last write of this worker: the WAL is folded back and truncated
     store.dispose()
-    leave_ranks(outcome.status != "failed")
-    return 0 if outcome.status != "failed" else 1
+    return leave_ranks(outcome.status != "failed")
 
 
 def join_ranks(store: Store, run_id: int) -> Any:
@@ -171,15 +170,17 @@ def follow(store: Store, run_id: int, flag: StopFlag) -> int:
     if not claimed:
         return 0
     outcome = _train(store, run_id, flag, first_attempt)
-    leave_ranks(outcome.status != "failed")
-    return 0 if outcome.status != "failed" else 1
+    return leave_ranks(outcome.status != "failed")
 
 
-def leave_ranks(wait_for_peers: bool) -> None:
-    if "torch" in sys.modules:
-        from kd_core.engine.distributed import teardown
+def leave_ranks(succeeded: bool) -> int:
+    """The worker's exit status; a rank of a run on several devices leaves the process group and exits here."""
+    code = 0 if succeeded else 1
+    if "torch" not in sys.modules:
+        return code
+    from kd_core.engine.distributed import end_rank
 
-        teardown(wait_for_peers)
+    return end_rank(code, wait_for_peers=succeeded)
 
 
 def claim(store: Store, run_id: int, flag: StopFlag, pid: int | None = None) -> bool:
