@@ -212,7 +212,8 @@ def test_supervise_recovers_the_queue_without_any_page_or_command(open_store: Ca
 
 def test_a_native_crash_leaves_its_stack_in_the_log_and_resume_continues(open_store: Callable[[str], Store]) -> None:
     store = open_store("runs.db")
-    config = tiny_config("segfault", arch="resnet8", image_size=32, epochs=2)
+    # batches of 4, as in test_kill_9_mid_epoch…: an epoch lasts long enough for the 1 s mid-epoch checkpoint to be seen
+    config = tiny_config("segfault", arch="resnet8", image_size=32, epochs=2, batch_size=4)
     run_id = submit(store, config)
     passive_wait("a mid-epoch checkpoint", lambda: (p := checkpoint_progress(store, run_id)) and p["batch"] > 0, interval=0.1)
     os.kill(store.get_run(run_id).pid, signal.SIGSEGV)
