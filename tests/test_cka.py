@@ -148,9 +148,18 @@ def _teacher_student(n: int, wx: tuple[int, ...], wy: tuple[int, ...]) -> tuple[
     return _pooled_features(n, wx, z, 1), _pooled_features(n, wy, shared, 2)
 
 
-# widths 10..2048 on the two sides; n = 60 runs the gram path in float64, n = 300 in float32
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request: pytest.FixtureRequest):
+    """Products in OpenBLAS (torch on one thread) and in torch.mm (several threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+# widths 10..2048 on the two sides; n = 60 runs the gram path in float64, n = 300 in float32 (2 panels)
 @pytest.mark.parametrize("n", [60, 300])
-def test_all_pairs_paths_match_reference(n: int) -> None:
+def test_all_pairs_paths_match_reference(n: int, torch_threads: int) -> None:
     xs, ys = _teacher_student(n, (10, 128, 2048, 512), (32, 64, 1024, 256))
     gram_tol = 1e-6 if n >= cka_linear.F32_MIN_N else 1e-10  # float32 Grams: the promised 1e-6
     for debiased in (False, True):
@@ -161,6 +170,20 @@ def test_all_pairs_paths_match_reference(n: int) -> None:
         for x_in in (xs, [x.double() for x in xs]):  # float32 as extract_features returns, and float64
             gram = cka_matrix_from_features(x_in, ys, debiased=debiased, method="gram")
             np.testing.assert_allclose(gram, ref, rtol=0, atol=gram_tol)
+
+
+@pytest.mark.parametrize("n", [200, 300])  # one Gram panel (each layer centred just before its Gram), two
+def test_gram_path_centres_features_with_a_large_offset(n: int, torch_threads: int) -> None:
+    """Activations far from zero (no normalisation before the tap) lose no precision in float32: with one
+    centring pass instead of two, an offset of 3·10⁴ (10⁴ standard deviations) left errors of 2.5e-6..6e-6."""
+    xs, ys = _teacher_student(n, (10, 512, 2048), (32, 1024))
+    xs = [x + 3e4 for x in xs]
+    # Song's estimator is exactly invariant to shifting a feature, but its literal formula on the raw Grams
+    # cancels terms ~10¹²-sized (far off even in float64); the reference centres the float32 values in float64
+    centred = [x.double() - x.double().mean(0) for x in xs]
+    ref = _reference_cka_matrix([x.numpy() for x in centred], [y.numpy() for y in ys], debiased=True)
+    got = cka_matrix_from_features(xs, ys, debiased=True, method="gram")
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
 
 def _crossover(wx: tuple[int, ...], wy: tuple[int, ...], hi: int = 1 << 16) -> int:
@@ -191,7 +214,7 @@ def test_auto_runs_the_chosen_path_at_the_crossover(side: int, monkeypatch: pyte
     xs, ys = _teacher_student(n, wx, wy)
     calls: list[int] = []
     gram_path = cka_linear._gram_path
-    monkeypatch.setattr(cka_linear, "_gram_path", lambda feats: calls.append(1) or gram_path(feats))
+    monkeypatch.setattr(cka_linear, "_gram_path", lambda *args: calls.append(1) or gram_path(*args))
     got = cka_matrix_from_features(xs, ys, debiased=True)
     assert len(calls) == (1 if side < 0 else 0)
     ref = _reference_cka_matrix([x.numpy() for x in xs], [y.numpy() for y in ys], debiased=True)

@@ -4,8 +4,8 @@ Why: a Gram ``XXᵀ`` is symmetric, and BLAS ``syrk`` computes one triangle for 
 ``torch.mm`` runs (torch exposes no syrk). On one core of our 2-core AMD EPYC, ``[256, 2048]`` float32:
 syrk 1.43 ms, OpenBLAS GEMM 2.39 ms, ``torch.mm`` 2.58 ms. All functions take C-contiguous CPU tensors of
 one dtype (float32 or float64) and write into ``out`` without copies (a C-contiguous ``[m, k]`` block is a
-Fortran ``[k, m]`` matrix, so transposes are free). BLAS runs on as many threads as torch
-(``torch.get_num_threads()``), inside ``same_threads_as_torch()``.
+Fortran ``[k, m]`` matrix, so transposes are free). Callers use them where
+``usable`` says so, inside ``one_thread()``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,23 @@ def _scipy_blas() -> ThreadpoolController:
     return ThreadpoolController().select(user_api="blas")
 
 
+def usable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s products go through this module: CPU tensors while torch runs on one thread.
+
+    With several threads they stay in torch (``torch.mm``), in torch's own OpenMP pool. After each parallel
+    op, torch's OpenMP workers spin for about 10 ms waiting for more work, and OpenBLAS threads started
+    beside them fight them for the cores: on our 2 cores the gram path of bench/cka.py (n = 256, 2 threads)
+    took 140 ms with 2-thread OpenBLAS calls between torch ops, 9 ms with OpenBLAS on one thread, and
+    12 ms with 2-thread OpenBLAS right after a parallel torch op even with torch set to one thread
+    meanwhile. One BLAS thread on the caller's thread, as torch uses on one thread, never waits.
+    """
+    return t.device.type == "cpu" and torch.get_num_threads() == 1
+
+
 @contextmanager
-def same_threads_as_torch() -> Iterator[None]:
-    """OpenBLAS defaults to one thread per core; a run's thread setting (or a benchmark's) is torch's."""
-    with _scipy_blas().limit(limits=torch.get_num_threads()):
+def one_thread() -> Iterator[None]:
+    """OpenBLAS defaults to one thread per core; ``usable`` calls it from torch's single thread."""
+    with _scipy_blas().limit(limits=1):
         yield
 
 

@@ -18,7 +18,9 @@ for all layer pairs come from one of two paths, picked by a cost model (``choose
 * gram: each layer's Gram in float32, one triangle only (K is symmetric: BLAS syrk on the diagonal tiles,
   GEMM right of them, in row panels), and all pairwise inner products of the stored panels in one batched
   GEMM per panel, summed in float64 chunk by chunk. About n(n+1)·(P+Q) float32 flops; memory bounded by
-  the panel size whatever n. On CPU the products run in scipy's OpenBLAS (``blas``). A Gram entry sums p
+  the panel size whatever n. With torch on one CPU thread the products run in scipy's OpenBLAS
+  (``blas``: syrk for the triangle); on several threads or a GPU in ``torch.mm``, whose tiles hold both
+  triangles (up to twice the flops for one panel, 25 % more for panels of n/4). A Gram entry sums p
   products of centred values, and the entries' independent rounding errors average out in the n² terms of ``off`` (≤ 1.2e-7 from float64 in our checks, n = 128..10⁴); a
   single float32 sum over a whole panel was not accurate enough (2e-6 at n = 2000), hence the chunks.
 """
@@ -93,22 +95,26 @@ def choose_method(n: int, widths_x: Sequence[int], widths_y: Sequence[int]) -> L
 
 def _centered(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """Column-centred copies of the layers ``xs`` in ``dtype``, contiguous views of one allocation (one fresh
-    block of memory for all layers, each written once).
+    block of memory for all layers, each written once)."""
+    n = xs[0].shape[0]
+    flat = torch.empty(n * sum(x.shape[1] for x in xs), dtype=dtype, device=xs[0].device)
+    out, start = [], 0
+    for x in xs:
+        out.append(_center_into(x, flat[start : start + x.numel()].view(x.shape)))
+        start += x.numel()
+    return out
+
+
+def _center_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` ← ``x`` with its columns centred, in ``out``'s dtype.
 
     The first mean is taken in the finer of the input's and the target precision (a float64 input with a
     large offset must not be rounded before centring); the second pass removes the rounding of the first
     mean, since the formulas above rely on columns that sum to zero (``K1 = 0``).
     """
-    n = xs[0].shape[0]
-    flat = torch.empty(n * sum(x.shape[1] for x in xs), dtype=dtype, device=xs[0].device)
-    out, start = [], 0
-    for x in xs:
-        xc = flat[start : start + x.numel()].view(x.shape)
-        start += x.numel()
-        wide = x.to(torch.promote_types(x.dtype, dtype))
-        torch.sub(wide, _column_mean(wide), out=xc)
-        xc -= _column_mean(xc)
-        out.append(xc)
+    wide = x.to(torch.promote_types(x.dtype, out.dtype))
+    torch.sub(wide, _column_mean(wide), out=out)
+    out -= _column_mean(out)
     return out
 
 
@@ -123,7 +129,7 @@ def _fill_panel(f: torch.Tensor, s: int, r: int, out: torch.Tensor) -> None:
     the other zero) then the block right of it, stored ``[n-s-r, r]`` (column-major, as BLAS writes it)."""
     rows, cols = f[s : s + r], f[s + r :]
     tile, block = out[: r * r].view(r, r), out[r * r :].view(len(cols), r)
-    if f.device.type == "cpu":
+    if blas.usable(f):
         blas.gram_upper(rows, tile)
         if len(cols):
             blas.cross(rows, cols, block)
@@ -132,24 +138,32 @@ def _fill_panel(f: torch.Tensor, s: int, r: int, out: torch.Tensor) -> None:
         torch.mm(cols, rows.T, out=block)
 
 
-def _gram_path(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For the given centred layers (one dtype): ``Σ_{a≠b} K_ab L_ab`` for every pair ``[L, L]`` and each
-    Gram's diagonal ``[L, n]``, both float64.
+def _gram_path(xs: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the given layers: ``Σ_{a≠b} K_ab L_ab`` of their centred Grams (computed in ``dtype``) for every
+    pair ``[L, L]`` and each Gram's diagonal ``[L, n]``, both float64.
 
     A panel holds, per layer, ``K[s:s+r, s:]`` flattened (``_fill_panel``'s layout, the same for all layers);
     its leading ``r×r`` tile keeps one triangle without the diagonal, so every ``a < b`` is counted once.
+    Several panels read every centred layer each, so all are centred first; a single panel centres each
+    layer just before its Gram, in one reused buffer that BLAS then reads from cache (0.5 ms of 8 at n = 256
+    in bench/cka.py, one thread).
     """
-    n, layers = feats[0].shape[0], len(feats)
+    n, layers, device = xs[0].shape[0], len(xs), xs[0].device
     rows = panel_rows(n, layers)
+    if rows < n:
+        centred = _centered(xs, dtype)
+    else:
+        scratch = torch.empty(max(x.numel() for x in xs), dtype=dtype, device=device)
     chunks_max = -(-rows * n // CHUNK)
-    buf = torch.empty(layers, chunks_max * CHUNK, dtype=feats[0].dtype, device=feats[0].device)
-    total = torch.zeros(layers, layers, dtype=F64, device=buf.device)
-    diag = torch.empty(layers, n, dtype=F64, device=buf.device)
+    buf = torch.empty(layers, chunks_max * CHUNK, dtype=dtype, device=device)
+    total = torch.zeros(layers, layers, dtype=F64, device=device)
+    diag = torch.empty(layers, n, dtype=F64, device=device)
     for s in range(0, n, rows):
         r, c = min(rows, n - s), n - s
         size, chunks = r * c, -(-r * c // CHUNK)
         panel = buf[:, : chunks * CHUNK]
-        for i, f in enumerate(feats):
+        for i, x in enumerate(xs):
+            f = centred[i] if rows < n else _center_into(x, scratch[: x.numel()].view(x.shape))
             _fill_panel(f, s, r, panel[i, :size])
         tile_diagonals = panel[:, : r * r].view(layers, r, r).diagonal(dim1=1, dim2=2)
         diag[:, s : s + r] = tile_diagonals
@@ -161,7 +175,7 @@ def _gram_path(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _at_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return blas.at_b(a, b) if a.device.type == "cpu" else a.T @ b
+    return blas.at_b(a, b) if blas.usable(a) else a.T @ b
 
 
 def _feature_path(
@@ -217,10 +231,9 @@ def cka_matrix_from_features(
     if method not in ("gram", "feature"):
         raise ValueError(f"unknown method {method!r}")
     lx = len(xt)
-    with blas.same_threads_as_torch():
+    with blas.one_thread():
         if method == "gram":
-            feats = _centered([*xt, *yt], torch.float32 if n >= F32_MIN_N else F64)
-            total, diag = _gram_path(feats)
+            total, diag = _gram_path([*xt, *yt], torch.float32 if n >= F32_MIN_N else F64)
             off, own = total[:lx, lx:], total.diagonal()
         else:
             feats = _centered([*xt, *yt], F64)
