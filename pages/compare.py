@@ -91,13 +91,11 @@ def curves_section(store, runs) -> None:
                              help="Wall time = minutes since the run started.") or "step"
     smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0 if metrics.is_epoch_key(key) else 0.6, 0.01, key=f"cmp_smooth_{metrics.is_epoch_key(key)}",
                           help="Exponential moving average weight (0 = raw). The raw curve stays visible, faint, behind the smoothed one.")
-    live = any(r.status in ACTIVE for r in runs)
-    held_key = f"cmp_curves_{[r.id for r in runs]}_{phase}_{key}_{x}_{smoothing}"
-    fig, frames = ui_state.held_while_live(held_key, live, lambda: _curves_figure(store, runs, phase, key, x, smoothing))
+    fig, frames = _curves_figure(store, runs, phase, key, x, smoothing)
     if fig is None:
         st.info(f"None of the selected runs logged {key} for the {phase}.")
         return
-    if live:
+    if any(r.status in ACTIVE for r in runs):
         st.caption(f"While a run trains, the chart is redrawn every {ui_state.CHART_REFRESH_S:g} s.")
     st.plotly_chart(fig, config=charts.plotly_config(f"compare_{phase}_{key}"), key="cmp_chart", theme=None)
     c = st.columns([1, 1, 4], vertical_alignment="center")
@@ -166,7 +164,7 @@ def main() -> None:
         return
     live = any(r.status in ACTIVE for r in chosen)
 
-    @st.fragment(run_every=ui_state.LIVE_REFRESH_S if live else None)
+    @st.fragment(run_every=ui_state.CHART_REFRESH_S if live else None)
     def live_curves() -> None:
         fresh = []
         for r in chosen:

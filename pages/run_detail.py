@@ -1,8 +1,9 @@
 """Run detail: live curves while a run trains, then its results (accuracy, per class, confusion, config, log).
 
-The run comes from ``?run=<id>`` (or the selectbox). Everything below the picker, the status badge included, is
-a fragment that reruns every ui.state.LIVE_REFRESH_S (5 s) while the run is active and reads the run from the database each time; the
-timer stops once the run has finished (a full rerun then draws the final page without a timer).
+The run comes from ``?run=<id>`` (or the selectbox). Below the picker, two fragments read the run from the
+database while it is active: the status (badge, actions, progress) every ui.state.LIVE_REFRESH_S (5 s), the
+results (metric tiles and tabs, the curves among them) every ui.state.CHART_REFRESH_S (15 s). The timers stop
+once the run has finished (a full rerun then draws the final page without them).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def progress_block(run) -> None:
     if teacher_line:
         detail.append(teacher_line)
     if run.heartbeat_at:
-        detail.append(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {ui_state.LIVE_REFRESH_S:g} s")
+        detail.append(f"last heartbeat {time.time() - run.heartbeat_at:.0f} s ago · refreshes every {ui_state.LIVE_REFRESH_S:g} s, "
+                      f"the results below every {ui_state.CHART_REFRESH_S:g} s")
     if detail:
         st.caption(" · ".join(detail))
 
@@ -182,8 +184,7 @@ def curves_tab(store, run) -> None:
     x = st.segmented_control("x-axis", ["step", "epoch", "time"], default="step", key="rd_x",
                              format_func=lambda v: {"step": "step", "epoch": "epoch", "time": "wall time"}[v],
                              help="Steps restart at 0 for each model (teacher, student, baseline).") or "step"
-    groups = ui_state.held_while_live(f"rd_curves_{run.id}_{x}", run.status in ACTIVE,
-                                      lambda: metrics.curve_figures(store, run, x=x))
+    groups = metrics.curve_figures(store, run, x=x)
     if not groups:
         st.info("No training steps logged yet.")
         return
@@ -314,7 +315,7 @@ TABS = {
 METHOD_TAB = ":material/school: Method"  # only for runs whose config has a method
 
 
-def body(store, run) -> None:
+def status_block(store, run) -> None:
     header(store, run)
     if run.status in ACTIVE:
         progress_block(run)
@@ -325,6 +326,9 @@ def body(store, run) -> None:
             st.code(tail, language="text")
     elif run.status == "cancelled":
         st.warning("This run was cancelled. **Resume** continues from its last checkpoint.")
+
+
+def results_block(store, run) -> None:
     summary_block(run)
     tabs = dict(TABS)
     if (run.config or {}).get("method"):
@@ -344,18 +348,29 @@ def main() -> None:
     first_status = run.status
     live = first_status in ACTIVE
 
+    # Two timers while the run is live: each rerun of a fragment is redrawn by the browser, and a tab's results
+    # (several charts) cost it far more than the status line (bench/server_cpu.py: Chromium's share of the cores)
     @st.fragment(run_every=ui_state.LIVE_REFRESH_S if live else None)
-    def live_body() -> None:
+    def live_status() -> None:
         try:
             current = store.get_run(run.id)  # status always from the database
         except KeyError:
             st.warning(f"Run #{run.id} was deleted.")
             return
         if current.status != first_status and (current.status not in ACTIVE) == live:
-            st.rerun()  # started or finished: redraw the page (and stop or start the timer)
-        body(store, current)
+            st.rerun()  # started or finished: redraw the page (and stop or start the timers)
+        status_block(store, current)
 
-    live_body()
+    @st.fragment(run_every=ui_state.CHART_REFRESH_S if live else None)
+    def live_results() -> None:
+        try:
+            current = store.get_run(run.id)
+        except KeyError:
+            return  # the status above says so
+        results_block(store, current)
+
+    live_status()
+    live_results()
 
 
 ui_state.ensure_app(__file__)  # a deep link on a fresh server: hand over to app.py (navigation, page config)

@@ -100,6 +100,59 @@ def test_the_live_page_follows_the_run(site):
         expect(page.get_by_text("trained 10m 00s (summed across resumes)").first).to_be_visible()
 
 
+_POINTS = """() => [...document.querySelectorAll('svg text')].map(t => t.textContent).join(' ').match(/all (\\d+) points/)?.[1]"""
+_STEP = """() => document.body.innerText.match(/step (\\d+)\\/456/)?.[1]"""
+
+
+def _changes(samples: list[tuple[float, str | None]]) -> list[float]:
+    """Times at which a sampled value changed (from one value to another, not from nothing)."""
+    return [t for (_, a), (t, b) in zip(samples, samples[1:]) if a is not None and b is not None and a != b]
+
+
+def test_live_pages_redraw_charts_every_chart_interval_and_the_status_every_poll(site):
+    """While a run trains, Run detail's status follows each poll but its charts, and Compare's, are rebuilt every
+    CHART_REFRESH_S: the browser redraws every rerun, on the cores that train (bench/server_cpu.py)."""
+    from playwright.sync_api import expect
+
+    from ui.state import CHART_REFRESH_S, LIVE_REFRESH_S
+
+    store = site["store"]
+    progress = {"phase": "student", "phase_index": 2, "phases": 4, "epoch": 3, "epochs": 8, "step": 0, "steps": 456,
+                "images_per_s": 500.0, "eta_s": 95.0, "eta_includes_analysis": False, "trained_s": 42.0}
+
+    def train_to(run_id: int, step: int) -> None:  # as the worker logs: points, then the progress and the heartbeat
+        store.append_metrics(run_id, [{"phase": "student", "step": s, "epoch": 0, "key": "loss/total", "value": 1.0 / s,
+                                       "time": time.time()} for s in range(progress["step"] + 1, step + 1)])
+        progress["step"] = step
+        store.update_run(run_id, progress=progress, heartbeat_at=time.time(), started_at=time.time())
+
+    with browser_page(height=1400) as detail:
+        detail.goto(site["url"])  # the supervisor's first pass (started by a first page) fails worker-less runs
+        settle(detail)
+        detail.wait_for_timeout(2000)
+        run_id = store.create_run("watched curves", site["config"], status="running")
+        train_to(run_id, 10)
+        compare = detail.context.new_page()
+        for page, path in ((detail, f"run_detail?run={run_id}"), (compare, f"compare?runs={run_id}")):
+            page.goto(f"{site['url']}/{path}")
+            page.wait_for_function(f"() => ({_POINTS})() === '10'")
+        samples: dict[str, list[tuple[float, str | None]]] = {"status": [], "detail chart": [], "compare chart": []}
+        t0 = time.monotonic()
+        while (now := time.monotonic() - t0) < CHART_REFRESH_S + 2 * LIVE_REFRESH_S:
+            train_to(run_id, progress["step"] + 1)
+            samples["status"].append((now, detail.evaluate(_STEP)))
+            samples["detail chart"].append((now, detail.evaluate(_POINTS)))
+            samples["compare chart"].append((now, compare.evaluate(_POINTS)))
+            detail.wait_for_timeout(500)
+        store.update_run(run_id, status="cancelled", finished_at=time.time())
+    status = _changes(samples["status"])
+    assert len(status) >= 4 and max(b - a for a, b in zip(status, status[1:])) < LIVE_REFRESH_S + 2, status
+    for chart in ("detail chart", "compare chart"):
+        redrawn = _changes(samples[chart])
+        assert redrawn, f"the {chart} never showed new points"  # live, at the chart interval
+        assert all(b - a > CHART_REFRESH_S - 2 for a, b in zip(redrawn, redrawn[1:])), (chart, redrawn)
+
+
 def test_the_runs_grid_shows_accuracy_and_kd_gain_without_scrolling(site):
     from playwright.sync_api import expect
 

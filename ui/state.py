@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import streamlit as st
 
@@ -19,7 +17,6 @@ from kd_core import runner
 from kd_core.settings import data_home, resolve_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- navigation guard
@@ -92,26 +89,10 @@ ACTIVE = runner.ACTIVE_STATUSES
 # server: bench/server_cpu.py measured Run detail at 17 % of a core, Runs at 9 % and Compare at 8 % while a run
 # trained, with 2-3 s polls on a 2-core machine, where that CPU is the training's. Runs last minutes; 5 s is live enough.
 LIVE_REFRESH_S = 5.0
-# how often a live page's charts are rebuilt; the status and progress around them follow every poll. The browser
-# does not redraw a figure that did not change, so a held figure costs neither side (bench/server_cpu.py, live Run
-# detail: Chromium 9-10 -> 5-6 % of a core, the server 2.7-3.3 -> 1.2-2.3 %).
+# how often the charts of a live page (Run detail's results, Compare's curves) are rebuilt, in their own fragment;
+# Run detail's status line still follows every LIVE_REFRESH_S. Every fragment rerun is drawn again by the browser,
+# and on the machine that trains that costs more than the server's side (bench/server_cpu.py).
 CHART_REFRESH_S = 15.0
-_HELD = "live_charts_held"  # session key: {key: (monotonic time built, value)}
-
-
-def held_while_live(key: str, live: bool, build: Callable[[], T]) -> T:
-    """``build()``; while ``live``, its result from at most ``CHART_REFRESH_S`` ago in this session (``key`` names
-    everything the result depends on)."""
-    if not live:
-        st.session_state.get(_HELD, {}).pop(key, None)
-        return build()
-    held = st.session_state.setdefault(_HELD, {})
-    now = time.monotonic()
-    if key not in held or now - held[key][0] >= CHART_REFRESH_S:
-        for stale in [k for k, (built, _) in held.items() if now - built >= CHART_REFRESH_S]:
-            del held[stale]  # also figures of widget settings no longer shown
-        held[key] = (now, build())
-    return held[key][1]
 
 
 # --------------------------------------------------------------------------- paths
