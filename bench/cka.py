@@ -21,6 +21,10 @@ with the peer in float64, ours clipped to [0, 1] as the peer clips. ``--model-ch
 model of ``auto`` next to the measured times of both paths on three width sets, around the predicted
 crossover. On a machine busy with other work, ``--threads 1 --clock cpu`` gives steadier ratios.
 
+Threads matter: with torch on one thread our Grams are OpenBLAS syrk (one triangle); on several threads they
+are ``torch.mm`` in torch's own pool, as the peer's are (``kd_core.analysis.blas.usable`` says why), so the
+peer gains more from a second core than we do. Run both: the default (torch's thread count) and ``--threads 1``.
+
 Usage: ``.venv/bin/python bench/cka.py [--quick] [--n 256 512 ...] [--repeats 5] [--model-check]
 [--threads 1 --clock cpu]`` (pytorch-cka comes from ``requirements-bench.txt``).
 """

@@ -11,15 +11,16 @@ one process tree and printed as a table:
    from submission to the run's end, and the server's CPU meanwhile;
 3. *watched run*: the same config again, with three tabs open on it from submission to its end (Run detail,
    Runs, Compare with the two runs): its wall time, the ratio to the unwatched one, the server's CPU;
-4. *live run*: a run of the same config with a 1000-epoch teacher (cancelled at the end) while each page
-   alone (Run detail, Runs, Compare, Analysis, Sweeps, New experiment), then Run detail + Runs + Compare
-   together, are held open ``--hold`` seconds each;
+4. *live run*: a run of the same config with a 1000-epoch teacher (cancelled at the end), held ``--hold``
+   seconds with each page alone (Run detail, Runs, Compare, Analysis, Sweeps, New experiment), then twice in
+   turn with no tab and with Run detail + Runs + Compare together; each window also gives the run's training
+   steps per second (the steady cost of watching, without the pages' first load);
 5. *finished run*: Run detail of the finished run, then the three tabs, held open ``--hold`` seconds each.
 
 Server CPU is the server process's own user+system time (``/proc/<pid>/stat``; workers are separate
 processes and are not counted) divided by the wall time of the window, in % of one core. Chromium's CPU (all
 its processes) is printed beside it: in real use it runs on the user's machine, but here it shares the two
-cores with the training, so it is part of why a watched run is slower. Linux only. About 12 minutes.
+cores with the training, so it is part of why a watched run is slower. Linux only. About 14 minutes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,9 +126,27 @@ def open_tabs(context, url: str, paths: list[str]) -> list:
     return pages
 
 
-def hold(pid: int, seconds: float, label: str, rows: list[tuple[str, ...]]) -> None:
+def hold(pid: int, seconds: float, label: str, rows: list[tuple[str, ...]], steps: Callable[[], int] | None = None) -> float:
+    """Hold for ``seconds``; with ``steps`` (a live run's step counter), return its training steps per second."""
+    first = steps() if steps else 0
     wall, cpu, browser, _ = window(pid, lambda: time.sleep(seconds))
-    rows.append((label, f"{wall:.0f}", f"{cpu:.2f}", f"{browser:.1f}"))
+    rate = (steps() - first) / wall if steps else float("nan")
+    rows.append((label, f"{wall:.0f}", f"{cpu:.2f}", f"{browser:.1f}", "-" if steps is None else f"{rate:.1f}"))
+    return rate
+
+
+def step_counter(env: dict[str, str], run_id: int) -> Callable[[], int]:
+    """The training step a live run's worker last reported (its progress row), read from the database."""
+    from storage import Store
+
+    def steps() -> int:
+        store = Store(env["DISTILLERY_DB_URL"])
+        try:
+            return int((store.get_run(run_id).progress or {}).get("step", 0))
+        finally:
+            store.dispose()
+
+    return steps
 
 
 def long_config(path: str, out: Path) -> Path:
@@ -150,30 +169,38 @@ def watched_cases(context, url: str, pid: int, env: dict[str, str], config: str,
     # CPU is measured once the tabs have drawn (their steady polling); the wall time from submission
     _, cpu, browser, status = window(pid, lambda: wait_finished(env, second))
     rows.append((f"watched run {second} ({status}), 3 tabs (Run detail, Runs, Compare)",
-                 f"{time.perf_counter() - t0:.0f}", f"{cpu:.2f}", f"{browser:.1f}"))
+                 f"{time.perf_counter() - t0:.0f}", f"{cpu:.2f}", f"{browser:.1f}", "-"))
     for tab in tabs:
         tab.close()
     return second, time.perf_counter() - t0
 
 
 def live_cases(context, url: str, pid: int, env: dict[str, str], config: Path, finished: int, seconds: float,
-               rows: list) -> None:
-    """Each page alone, then the three-tab case, open on a run that trains throughout; the run is cancelled after."""
+               rows: list) -> float:
+    """Each page alone, then no tab and the three-tab case twice in turn, on a run that trains throughout (cancelled
+    after); returns its training speed with the three tabs over its speed with none (alternated: the machine's own
+    speed drifts by more than the effect)."""
     live = int(cli(env, "submit", str(config)))
+    steps = step_counter(env, live)
     pages = {"Run detail": f"run_detail?run={live}", "Runs": "runs", "Compare": f"compare?runs={finished},{live}",
              "Analysis": f"analysis?run={live}", "Sweeps": "sweep", "New experiment": "new_experiment"}
     open_tabs(context, url, [pages["Run detail"]])[0].close()  # wait until the run trains and the page has been built once
     for name, path in pages.items():
         tab = open_tabs(context, url, [path])[0]
         time.sleep(3)
-        hold(pid, seconds, f"live run, 1 tab ({name})", rows)
+        hold(pid, seconds, f"live run, 1 tab ({name})", rows, steps)
         tab.close()
-    tabs = open_tabs(context, url, [pages["Run detail"], pages["Runs"], pages["Compare"]])
-    time.sleep(3)
-    hold(pid, seconds, "live run, 3 tabs (Run detail, Runs, Compare)", rows)
-    for tab in tabs:
-        tab.close()
+    speed: dict[str, float] = {"none": 0.0, "three": 0.0}
+    for _ in range(2):
+        time.sleep(3)  # closed tabs' processes have exited (their CPU would count negative)
+        speed["none"] += hold(pid, seconds, "live run, no tab", rows, steps)
+        tabs = open_tabs(context, url, [pages["Run detail"], pages["Runs"], pages["Compare"]])
+        time.sleep(3)
+        speed["three"] += hold(pid, seconds, "live run, 3 tabs (Run detail, Runs, Compare)", rows, steps)
+        for tab in tabs:
+            tab.close()
     cli(env, "cancel", str(live))
+    return speed["three"] / speed["none"]
 
 
 DEFAULT_CONFIG = str(ROOT / "configs" / "mnist5k_kd.yaml")
@@ -196,12 +223,12 @@ def measure(config: str, hold_s: float) -> None:
         hold(pid, hold_s, "idle, no tab open", rows)
         first = int(cli(env, "submit", config))
         wall_u, cpu, _, status = window(pid, lambda: wait_finished(env, first))
-        rows.append((f"unwatched run {first} ({status})", f"{wall_u:.0f}", f"{cpu:.2f}", "-"))
+        rows.append((f"unwatched run {first} ({status})", f"{wall_u:.0f}", f"{cpu:.2f}", "-", "-"))
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1400, "height": 1600})
             second, wall_w = watched_cases(context, url, pid, env, config, first, rows)
-            live_cases(context, url, pid, env, long_config(config, Path(tmp) / "long.yaml"), second, hold_s, rows)
+            speed = live_cases(context, url, pid, env, long_config(config, Path(tmp) / "long.yaml"), second, hold_s, rows)
             tabs = open_tabs(context, url, [f"run_detail?run={second}"])
             time.sleep(3)
             hold(pid, hold_s, "finished run, 1 tab (Run detail)", rows)
@@ -210,10 +237,12 @@ def measure(config: str, hold_s: float) -> None:
             hold(pid, hold_s, "finished runs, 3 tabs", rows)
             browser.close()
     print(f"config {Path(config).relative_to(ROOT)}, load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs\n")
-    print("| case | wall (s) | server CPU (% of one core) | Chromium CPU (% of one core) |\n|---|---:|---:|---:|")
+    print("| case | wall (s) | server CPU (% of one core) | Chromium CPU (% of one core) | live run's training steps/s |\n"
+          "|---|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {' | '.join(row)} |")
-    print(f"\nwatched / unwatched wall time of the run: {wall_w / wall_u:.2f}×")
+    print(f"\nwatched / unwatched wall time of the demo run (tabs opened after submission): {wall_w / wall_u:.2f}×")
+    print(f"live run's training speed with the three tabs held open / with no tab: {speed:.2f}×")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Run detail: live curves while a run trains, then its results (accuracy, per class, confusion, config, log).
 
 The run comes from ``?run=<id>`` (or the selectbox). Below the picker, two fragments read the run from the
-database while it is active: the status (badge, actions, progress) every ui.state.LIVE_REFRESH_S (5 s), the
-results (metric tiles and tabs, the curves among them) every ui.state.CHART_REFRESH_S (15 s). The timers stop
+database while it is active: the status (badge, actions, progress) every ui.state.LIVE_REFRESH_S (10 s by default), the
+results (metric tiles and tabs, the curves among them) every ui.state.CHART_REFRESH_S (30 s). The timers stop
 once the run has finished (a full rerun then draws the final page without them).
 """
 

@@ -1,7 +1,7 @@
 """Runs: every experiment in the database as a table you filter, sort and select; actions act on the selected rows.
 
 Status always comes from the database; the server's supervisor loop (started by app.py) marks runs whose worker
-died and starts queued ones, so this page only reads. The table refreshes itself every LIVE_REFRESH_S (5 s) while any run is
+died and starts queued ones, so this page only reads. The table refreshes itself every LIVE_REFRESH_S (10 s by default) while any run is
 active. One ``list_runs`` query per render builds the whole table (no per-run queries), so 1,000 runs render in
 well under 1 s. The accuracy columns come first so they fit at 1400 px; less used columns are opt-in.
 """

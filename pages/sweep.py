@@ -2,7 +2,7 @@
 section, or ``python -m kd_core sweep FILE``), followed and summarised on one page.
 
 The sweep comes from ``?sweep=ID`` (kept in sync with the picker, so a sweep can be bookmarked). Everything shown is
-read from the database on each render (``kd_core.sweeps.sweep_runs``); the page refreshes itself every LIVE_REFRESH_S (5 s) while
+read from the database on each render (``kd_core.sweeps.sweep_runs``); the page refreshes itself every LIVE_REFRESH_S (10 s by default) while
 any run of the sweep is active.
 """
 

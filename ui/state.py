@@ -14,6 +14,7 @@ from typing import Any
 import streamlit as st
 
 from kd_core import runner
+from kd_core.runner.base import positive_env
 from kd_core.settings import data_home, resolve_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -85,14 +86,14 @@ def get_store():
 
 
 ACTIVE = runner.ACTIVE_STATUSES
-# how often a page showing an active run polls the database. Every poll redraws the page's live part on the
-# server: bench/server_cpu.py measured Run detail at 17 % of a core, Runs at 9 % and Compare at 8 % while a run
-# trained, with 2-3 s polls on a 2-core machine, where that CPU is the training's. Runs last minutes; 5 s is live enough.
-LIVE_REFRESH_S = 5.0
-# how often the charts of a live page (Run detail's results, Compare's curves) are rebuilt, in their own fragment;
-# Run detail's status line still follows every LIVE_REFRESH_S. Every fragment rerun is drawn again by the browser,
-# and on the machine that trains that costs more than the server's side (bench/server_cpu.py).
-CHART_REFRESH_S = 15.0
+# How often a page showing an active run polls the database for its status (Run detail's badge and progress, the
+# Runs grid), and how often the charts of a live page (Run detail's results, Compare's curves) are rebuilt, each in
+# its own fragment. Every rerun is drawn again by the browser, on the machine that trains when it is the same one:
+# with three tabs on a live run (bench/server_cpu.py, 2 cores) Chromium took 15 % of a core with 5 s / 15 s,
+# 11-12 % with 5 s / 30 s and 7-9 % with 10 s / 30 s, and the run trained 0.82x, 0.90x and ~1.0x as fast as with
+# no tab. TensorBoard reloads every 30 s.
+LIVE_REFRESH_S: float = positive_env("DISTILLERY_LIVE_REFRESH_S", 10.0, float, "seconds between a live page's status polls")
+CHART_REFRESH_S: float = positive_env("DISTILLERY_CHART_REFRESH_S", 30.0, float, "seconds between a live page's chart redraws")
 
 
 # --------------------------------------------------------------------------- paths
