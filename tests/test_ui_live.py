@@ -111,3 +111,22 @@ def test_a_read_only_sqlite_file_is_named_on_the_page(env, monkeypatch, tmp_path
     assert at.title[0].value == "The database cannot be opened"
     assert "cannot open the database sqlite:///" in shown and "ro.db?mode=ro" in shown
     assert "the SQLite file or its folder is read-only" in shown
+
+
+# --------------------------------------------------------------------------- the live intervals
+
+
+def _intervals_with(**env: str):
+    import os
+    import subprocess
+    import sys
+
+    code = "from ui import state; print(state.LIVE_REFRESH_S, state.CHART_REFRESH_S)"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_the_live_intervals_are_configurable_and_a_bad_value_is_refused_by_name():
+    assert _intervals_with(DISTILLERY_LIVE_REFRESH_S="2.5", DISTILLERY_CHART_REFRESH_S="60").stdout.split() == ["2.5", "60.0"]
+    bad = _intervals_with(DISTILLERY_CHART_REFRESH_S="0")
+    assert bad.returncode != 0
+    assert "DISTILLERY_CHART_REFRESH_S must be a positive float (seconds between a live page's chart redraws), got '0'" in bad.stderr

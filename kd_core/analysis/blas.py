@@ -34,7 +34,7 @@ def usable(t: torch.Tensor) -> bool:
     op, torch's OpenMP workers spin for about 10 ms waiting for more work, and OpenBLAS threads started
     beside them fight them for the cores: on our 2 cores the gram path of bench/cka.py (n = 256, 2 threads)
     took 140 ms with 2-thread OpenBLAS calls between torch ops, 9 ms with OpenBLAS on one thread, and
-    12 ms with 2-thread OpenBLAS right after a parallel torch op even with torch set to one thread
+    12-30 ms with 2-thread OpenBLAS right after a parallel torch op even with torch set to one thread
     meanwhile. One BLAS thread on the caller's thread, as torch uses on one thread, never waits.
     """
     return t.device.type == "cpu" and torch.get_num_threads() == 1
