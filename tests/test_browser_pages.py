@@ -145,7 +145,8 @@ def test_live_pages_redraw_charts_every_chart_interval_and_the_status_every_poll
             detail.wait_for_timeout(500)
         store.update_run(run_id, status="cancelled", finished_at=time.time())
     status = _changes(samples["status"])
-    assert len(status) >= 4 and max(b - a for a, b in zip(status, status[1:])) < LIVE_S + 2, status
+    # several changes, none as far apart as the chart interval (margins for a loaded CI machine)
+    assert len(status) >= 4 and max(b - a for a, b in zip(status, status[1:])) < CHART_S - 2, status
     for chart in ("detail chart", "compare chart"):
         redrawn = _changes(samples[chart])
         assert redrawn, f"the {chart} never showed new points"  # live, at the chart interval
