@@ -2,8 +2,10 @@
 section, or ``python -m kd_core sweep FILE``), followed and summarised on one page.
 
 The sweep comes from ``?sweep=ID`` (kept in sync with the picker, so a sweep can be bookmarked). Everything shown is
-read from the database on each render (``kd_core.sweeps.sweep_runs``); the page refreshes itself every LIVE_REFRESH_S (10 s by default) while
-any run of the sweep is active.
+read from the database on each render (``kd_core.sweeps.sweep_runs``). While any run of the sweep is active, a small
+fragment reads the sweep's rows again every LIVE_REFRESH_S (10 s by default) and redraws the page only when one of
+them changed (a run started, finished or failed): its results change with nothing else, and every redraw of its
+tables and plots costs the browser, on the machine that trains when it is the same one.
 """
 
 from __future__ import annotations
@@ -190,21 +192,25 @@ def main() -> None:
     overview(sweeps)
     sweep = pick_sweep(sweeps)
     axes = list(sweep.spec.get("axes", {}))
-    live = any(r.status in ACTIVE for r in store.list_runs(sweep_id=sweep.id, include_hidden=True))
+    runs = sweep_runs(store, sweep.id)
+    if runs.empty:
+        st.info("This sweep has no runs (they were deleted).")
+        return
+    if runs["status"].isin(ACTIVE).any():
+        redraw_on_change(sweep.id, runs)
+    st.caption(f"Swept: {', '.join(f'`{a}` = {v}' for a, v in sweep.spec.get('axes', {}).items())}")
+    progress_section(sweep, runs)
+    results_section(sweep, runs, axes)
 
-    @st.fragment(run_every=LIVE_REFRESH_S if live else None)
-    def sweep_view() -> None:
-        runs = sweep_runs(store, sweep.id)
-        if runs.empty:
-            st.info("This sweep has no runs (they were deleted).")
-            return
-        if live and not runs["status"].isin(ACTIVE).any():
-            st.rerun()  # the last run finished: redraw once without the 3 s refresh
-        st.caption(f"Swept: {', '.join(f'`{a}` = {v}' for a, v in sweep.spec.get('axes', {}).items())}")
-        progress_section(sweep, runs)
-        results_section(sweep, runs, axes)
 
-    sweep_view()
+def redraw_on_change(sweep_id: int, shown) -> None:
+    """Every LIVE_REFRESH_S, read the sweep's rows and rerun the page if they differ from the ``shown`` ones."""
 
+    @st.fragment(run_every=LIVE_REFRESH_S)
+    def sweep_watch() -> None:
+        if not sweep_runs(store, sweep_id).equals(shown):
+            st.rerun()
+
+    sweep_watch()
 
 main()

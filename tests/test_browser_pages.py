@@ -153,6 +153,51 @@ def test_live_pages_redraw_charts_every_chart_interval_and_the_status_every_poll
         assert all(b - a > CHART_S - 2 for a, b in zip(redrawn, redrawn[1:])), (chart, redrawn)
 
 
+def test_a_live_sweep_page_is_redrawn_when_a_run_finishes_and_not_between(site):
+    """The Sweeps page of an active sweep reads its rows every poll but redraws (sends its tables and plots to the
+    browser again) only when a run changed: between changes the browser receives nothing but the poll's own reruns."""
+    from playwright.sync_api import expect
+
+    store = site["store"]
+    with browser_page(height=1400) as page:
+        page.goto(site["url"])  # the supervisor's first pass (started by a first page) fails worker-less runs
+        settle(page)
+        page.wait_for_timeout(2000)
+        sweep_id = store.create_sweep("watched sweep", {"base": site["config"], "axes": {"seed": [0, 1]}})
+        run_ids = [store.create_run(f"watched sweep seed {seed}", {**site["config"], "seed": seed}, status=status,
+                                    sweep_id=sweep_id) for seed, status in ((0, "running"), (1, "queued"))]
+        received: list[tuple[float, int]] = []
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: received.append((time.monotonic(), len(frame)))))
+        page.goto(f"{site['url']}/sweep?sweep={sweep_id}")
+        expect(page.get_by_text("0/2 done · 1 running · 1 queued").first).to_be_visible()
+        settle(page)
+        quiet_from = time.monotonic()
+        page.wait_for_timeout(2 * LIVE_S * 1000 + 1000)  # two polls at least, nothing changed
+        quiet = _bursts([frame for frame in received if frame[0] >= quiet_from])
+        store.update_run(run_ids[0], status="completed", finished_at=time.time(), summary={"student_acc": 91.5, "teacher_acc": 97.0})
+        changed_from = time.monotonic()
+        expect(page.get_by_text("1/2 done · 1 queued").first).to_be_visible(timeout=(LIVE_S + 10) * 1000)
+        settle(page)
+        redraw = _bursts([frame for frame in received if frame[0] >= changed_from])
+        page.screenshot(path=str(SHOTS / "sweep_live.png"))
+        store.update_run(run_ids[1], status="cancelled", finished_at=time.time())
+    # a poll's rerun is a few small messages (about 1.1 kB); a redraw sends the progress, tables and links again
+    assert len(quiet) >= 2 and max(quiet) < 2000, quiet
+    assert max(redraw) > 10_000, redraw
+
+
+def _bursts(frames: list[tuple[float, int]]) -> list[int]:
+    """Bytes per burst of websocket messages (one rerun's messages arrive within a few ms of each other)."""
+    sizes: list[int] = []
+    last = -1.0
+    for t, size in frames:
+        if t - last > 0.5:
+            sizes.append(0)
+        sizes[-1] += size
+        last = t
+    return sizes
+
+
 def test_the_runs_grid_shows_accuracy_and_kd_gain_without_scrolling(site):
     from playwright.sync_api import expect
 
