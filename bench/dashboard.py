@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--no-pages", action="store_true", help="skip the whole-page timings (AppTest)")
     ap.add_argument("--pages", nargs="*", default=None, help="time only the pages whose names contain one of these")
     ap.add_argument("--server-cpu", action="store_true",
-                    help="instead: the server's CPU with real browser tabs held open (bench/server_cpu.py, ~14 min)")
+                    help="instead: the server's CPU with real browser tabs held open (bench/server_cpu.py, ~18 min)")
     ap.add_argument("--hold", type=float, default=60.0, help="with --server-cpu: seconds each page is held open")
     args = ap.parse_args()
     if args.server_cpu:
