@@ -52,7 +52,8 @@ def test_token_stages_are_the_patch_tokens_laid_out_as_a_map() -> None:
 def test_cka_mean_pools_token_stages_over_tokens_not_channels() -> None:
     """A ViT stage is ``[B, tokens, D]``: mean pooling must keep one D-vector per image, as for a conv map, so
     the CKA of a stage with a channel-rotated copy of itself is 1 (averaging over D instead would not be)."""
-    from kd_core.analysis import cka_matrix_from_features, pool_features
+    from kd_core.analysis import cka_matrix_from_features
+    from kd_core.features import pool_features
 
     model = create_model("timm:vit_tiny_patch16_224", 10, 3, 32).eval()
     captured: list[torch.Tensor] = []

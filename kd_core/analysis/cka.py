@@ -13,9 +13,9 @@ Estimators (Kornblith et al. 2019, arXiv 1905.00414; Nguyen, Raghu, Kornblith 20
 The minibatch estimator is float64. Models are run in ``eval()`` under ``torch.no_grad()`` and their
 per-module training flags are restored afterwards.
 
-Layer names are module paths as given by ``model.named_modules()`` (``"layer3"``, ``"layer3.1.conv2"``).
-A name with the suffix ``":input"`` taps the *input* of that module through a forward pre-hook, e.g.
-``"fc:input"`` is the penultimate embedding of a torchvision ResNet.
+Layer names are module paths as given by ``model.named_modules()`` (``"layer3"``, ``"layer3.1.conv2"``),
+tapped by ``kd_core.features.LayerTap``. A name with the suffix ``":input"`` taps the *input* of that module
+through a forward pre-hook, e.g. ``"fc:input"`` is the penultimate embedding of a torchvision ResNet.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import warnings
 from contextlib import ExitStack
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,14 +41,10 @@ from kd_core.analysis.cka_math import (
     rbf_cka,
     stacked_centered_grams,
 )
-
-Pooling = Literal["flatten", "mean"]
-
-INPUT_SUFFIX = ":input"
+from kd_core.features import LayerTap, Pooling, feature_layers, first_tensor, pool_features
 
 __all__ = [
     "CKAResult",
-    "FeatureTap",
     "MinibatchCKA",
     "ArrayLike",
     "center_gram",
@@ -56,125 +52,12 @@ __all__ = [
     "cka_matrix",
     "cka_matrix_from_features",
     "extract_features",
-    "feature_layers",
     "gram_linear",
     "gram_rbf",
     "linear_cka",
-    "pool_features",
     "rbf_cka",
     "self_similarity",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Hooks
-# ----------------------------------------------------------------------------------------------------
-
-
-def pool_features(t: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Reduce a layer output ``[B, C, *spatial]`` to a matrix ``[B, p]``.
-
-    ``"flatten"``: ``C·H·W`` columns. ``"mean"``: global average pooling: over every dim after the channel
-    dim of a ``[B, C, H, W]`` map, over the tokens of a ``[B, N, D]`` token sequence (ViT, MLP-Mixer stages:
-    the channel dim is last there, so one ``D``-vector per example as for a map); 2-D outputs are returned
-    as they are.
-    """
-    if pooling == "flatten":
-        return t.flatten(1)
-    if pooling == "mean":
-        if t.ndim == 3:
-            return t.mean(dim=1)
-        return t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t
-    raise ValueError(f"unknown pooling {pooling!r} (use 'flatten' or 'mean')")
-
-
-def _first_tensor(obj: Any) -> torch.Tensor:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
-        return obj[0]
-    raise TypeError(f"cannot take a feature tensor from a {type(obj).__name__}")
-
-
-class FeatureTap:
-    """Context manager that hooks named modules of a model and collects their outputs per forward.
-
-    ``FeatureTap(model, ["layer1", "layer4", "fc:input"])``; after each forward call ``pop()`` returns the
-    tensors in the requested order (and clears them). A module that fires more than once in one forward
-    (a re-used ``nn.ReLU``) is an error rather than a silent overwrite (the torch_cka misalignment bug).
-    """
-
-    def __init__(self, model: nn.Module, layers: Sequence[str], detach: bool = True) -> None:
-        self.model = model
-        self.layers = list(layers)
-        self.detach = detach
-        self._store: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"duplicate layer names in {self.layers}")
-        names = dict(model.named_modules())
-        for layer in self.layers:
-            base = layer[: -len(INPUT_SUFFIX)] if layer.endswith(INPUT_SUFFIX) else layer
-            if base not in names:
-                close = [k for k in names if k and (base in k or k in base)][:8]
-                raise KeyError(f"model has no module {base!r}" + (f"; similar: {close}" if close else ""))
-
-    def _record(self, key: str, value: Any) -> None:
-        if key in self._store:
-            raise RuntimeError(
-                f"module for layer {key!r} ran more than once in one forward pass; tap a module that is "
-                "called exactly once (e.g. a block, not a shared ReLU)"
-            )
-        t = _first_tensor(value)
-        self._store[key] = t.detach() if self.detach else t
-
-    def __enter__(self) -> FeatureTap:
-        for layer in self.layers:
-            if layer.endswith(INPUT_SUFFIX):
-                module = self.model.get_submodule(layer[: -len(INPUT_SUFFIX)])
-
-                def pre_hook(_m: nn.Module, args: tuple[Any, ...], key: str = layer) -> None:
-                    self._record(key, args)
-
-                self._handles.append(module.register_forward_pre_hook(pre_hook))
-            else:
-                module = self.model.get_submodule(layer)
-
-                def hook(_m: nn.Module, _args: Any, output: Any, key: str = layer) -> None:
-                    self._record(key, output)
-
-                self._handles.append(module.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._store.clear()
-
-    def pop(self) -> list[torch.Tensor]:
-        """Tensors of the last forward in the order of ``layers``; raises if a layer did not fire."""
-        missing = [k for k in self.layers if k not in self._store]
-        if missing:
-            self._store.clear()
-            raise RuntimeError(f"layers did not run in the forward pass: {missing}")
-        out = [self._store[k] for k in self.layers]
-        self._store.clear()
-        return out
-
-
-def feature_layers(model: nn.Module, embedding: bool = True, logits: bool = False) -> list[str]:
-    """Default CKA layers from ``model.feature_spec``: the stages, then the penultimate embedding
-    (``"<classifier>:input"``) and optionally the logits (``"<classifier>"``)."""
-    spec = getattr(model, "feature_spec", None)
-    if spec is None:
-        raise ValueError("model has no feature_spec; pass layer names explicitly")
-    layers = list(spec.stages)
-    if embedding:
-        layers.append(spec.classifier + INPUT_SUFFIX)
-    if logits:
-        layers.append(spec.classifier)
-    return layers
 
 
 class _ModeGuard:
@@ -200,7 +83,7 @@ def _iter_inputs(data: torch.Tensor | Iterable[Any]) -> Iterator[torch.Tensor]:
     for item in data:
         if isinstance(item, dict):
             raise TypeError("dict batches are not supported; yield tensors or (inputs, ...) tuples")
-        yield _first_tensor(item)
+        yield first_tensor(item)
 
 
 class _Rebatcher:
@@ -367,7 +250,7 @@ def _run_minibatch(
     with ExitStack() as stack:
         for u in unique:
             stack.enter_context(_ModeGuard(u))
-        taps = [stack.enter_context(FeatureTap(u, ns)) for u, ns in zip(unique, names)]
+        taps = [stack.enter_context(LayerTap(u, ns)) for u, ns in zip(unique, names)]
         batches = _Rebatcher(data, batch_size)
         for x in batches:
             x = x.to(device)
@@ -475,7 +358,7 @@ def extract_features(
     """
     _check_device(model, device)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
-    with _ModeGuard(model), FeatureTap(model, layers) as tap:
+    with _ModeGuard(model), LayerTap(model, layers) as tap:
         for x in _iter_inputs(data):
             for start in range(0, x.shape[0], batch_size):
                 model(x[start : start + batch_size].to(device))

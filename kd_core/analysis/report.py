@@ -21,9 +21,9 @@ from torch import nn
 
 from kd_core.analysis.agreement import agreement_buckets, calibration
 from kd_core.analysis.attribution import attribute, compare_maps, random_topk_iou
-from kd_core.analysis.cka import INPUT_SUFFIX, cka_matrix, self_similarity
+from kd_core.analysis.cka import cka_matrix, self_similarity
 from kd_core.analysis.prototypes import align_student_to_teacher, class_means, project_2d, prototype_report
-from kd_core.features import FeatureTap
+from kd_core.features import INPUT_SUFFIX, FeatureTap
 from kd_core.models import feature_spec
 
 CKA_POOLING = "mean"  # spatial mean of conv maps: cheap, and comparable across different map sizes
