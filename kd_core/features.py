@@ -99,6 +99,7 @@ def pool_features(t: torch.Tensor, pooling: Pooling) -> torch.Tensor:
 
 
 def first_tensor(obj: Any) -> torch.Tensor:
+    """The tensor in a module's output, a pre-hook's arguments or a data batch: itself, or the first of a tuple/list."""
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
