@@ -262,6 +262,8 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=60.0, help="seconds each page or set of tabs is held open")
     parser.add_argument("--pairs", type=int, default=3, help="unwatched / watched demo runs, alternated")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error(f"--pairs must be at least 1, got {args.pairs}")
     measure(args.config, args.hold, args.pairs)
 
 
