@@ -90,8 +90,8 @@ ACTIVE = runner.ACTIVE_STATUSES
 # Runs grid), and how often the charts of a live page (Run detail's results, Compare's curves) are rebuilt, each in
 # its own fragment. Every rerun is drawn again by the browser, on the machine that trains when it is the same one:
 # with three tabs on a live run (bench/server_cpu.py, 2 cores) Chromium took 15 % of a core with 5 s / 15 s,
-# 11-12 % with 5 s / 30 s and 7-9 % with 10 s / 30 s, and the run trained 0.82x, 0.90x and ~1.0x as fast as with
-# no tab. TensorBoard reloads every 30 s.
+# 11-12 % with 5 s / 30 s and 7-9 % with 10 s / 30 s, and the run trained 0.82x, 0.90x and 0.88-0.97x (three
+# bench runs) as fast as with no tab. TensorBoard reloads every 30 s.
 LIVE_REFRESH_S: float = positive_env("DISTILLERY_LIVE_REFRESH_S", 10.0, float, "seconds between a live page's status polls")
 CHART_REFRESH_S: float = positive_env("DISTILLERY_CHART_REFRESH_S", 30.0, float, "seconds between a live page's chart redraws")
 
